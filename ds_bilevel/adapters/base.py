@@ -1,0 +1,101 @@
+"""The adapter layer contract: wrap a frozen nn.Linear, declare two parameter levels.
+
+Wrap-and-replace as in PEFT: the original layer stays as ``base_layer``, so a base
+state dict (``...q_proj.base_layer.weight`` aside) loads unchanged and the base
+weights are never copied. Layouts follow PyTorch: W0 is (out, in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ds_bilevel.levels import Level
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned ``params`` for the block (a no-op for ordinary tensors).
+
+    Must be entered on every rank at once. Gathers only what it is given: callers
+    pass one layer at a time so that the whole model is never materialised.
+    """
+    if any(is_zero3_partitioned(p) for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+class AdapterLayer(nn.Module):
+    """A frozen ``base_layer`` plus trainable adapter parameters split into two levels.
+
+    Subclasses implement ``forward``, ``merged_weight`` and ``_level_names`` and may
+    override ``regularizer``. The base weight is frozen here, once.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.rank = rank
+        self.scaling = alpha / rank  # s = alpha / r (Hu et al. 2021, section 4.1)
+        # Dropout hits the adapter path only (the released BiDoRA code also dropped
+        # the frozen path, which changes the pretrained function).
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # ---- level API -------------------------------------------------------------------
+    def _level_names(self, level: Level) -> tuple[str, ...]:
+        """Names of this layer's own parameters that belong to ``level``."""
+        raise NotImplementedError
+
+    def level_parameters(self, level: Level) -> list[tuple[str, nn.Parameter]]:
+        return [(name, getattr(self, name)) for name in self._level_names(level)]
+
+    def regularizer(self, level: Level) -> torch.Tensor | None:
+        """This layer's weighted regulariser for ``level`` (None when it has none)."""
+        return None
+
+    # ---- merging ---------------------------------------------------------------------
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for level in Level for _, p in self.level_parameters(level)]
+
+    def merged_weight(self) -> torch.Tensor:
+        """The (out, in) weight that a plain nn.Linear needs to reproduce this layer at
+        inference. Reads the base weight: call inside ``gathered_layer`` under ZeRO-3."""
+        raise NotImplementedError
+
+    def gathered_layer(self) -> contextlib.AbstractContextManager:
+        """Gather this layer's base and adapter parameters (one layer, on every rank)."""
+        return gathered([*self.base_layer.parameters(), *self.adapter_parameters()])
+
+    def merged_linear(self) -> nn.Linear:
+        """A new nn.Linear with the merged weight; the model is left unchanged."""
+        with self.gathered_layer(), torch.no_grad():
+            weight = self.merged_weight()
+            bias = self.base_layer.bias
+            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def kaiming_uniform_(weight: torch.Tensor) -> None:
+    """LoRA's A init: nn.Linear's default (Kaiming-uniform, a = sqrt(5)), as PEFT."""
+    nn.init.kaiming_uniform_(weight, a=5**0.5)

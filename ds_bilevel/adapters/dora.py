@@ -1,0 +1,60 @@
+"""DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
+
+The norm is per output row (over the input dimension): PyTorch's (out, in) layout
+makes that ``dim=1``. m starts at ||W0||_row, so the layer is a no-op at init.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_bilevel.adapters.base import gathered
+from ds_bilevel.adapters.config import AdapterConfig
+from ds_bilevel.adapters.lora import LoraLayer
+from ds_bilevel.levels import Level
+
+
+class DoraLayer(LoraLayer):
+    """One-level DoRA baseline: A, B and the magnitude m are all inner parameters."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 detach_norm: bool = True):
+        super().__init__(base_layer, rank, alpha, dropout)
+        # DoRA section 4.3: treat ||W0 + s B A|| as a constant in backward (PEFT does too).
+        # It drops the norm's gradient, so it changes second-order terms of a bi-level
+        # hypergradient: kept as an explicit setting.
+        self.detach_norm = detach_norm
+        with gathered([base_layer.weight]), torch.no_grad():
+            row_norm = base_layer.weight.float().norm(p=2, dim=1)  # (out,)
+        self.magnitude = nn.Parameter(row_norm.to(self.lora_A.dtype))
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Linear, config: AdapterConfig) -> DoraLayer:
+        return cls(base_layer, config.rank, config.alpha, config.dropout, config.detach_norm)
+
+    def _level_names(self, level: Level) -> tuple[str, ...]:
+        return ("lora_A", "lora_B", "magnitude") if level is Level.INNER else ()
+
+    def direction_row_norm(self) -> torch.Tensor:
+        """||W0 + s B A||_row, (out,); detached when ``detach_norm``."""
+        weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        norm = weight.norm(p=2, dim=1)
+        return norm.detach() if self.detach_norm else norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.magnitude / self.direction_row_norm()  # (out,)
+        w0, bias = self.base_layer.weight, self.base_layer.bias
+        if isinstance(self.dropout, nn.Identity):
+            out = scale * (F.linear(x, w0) + self.low_rank(x))
+            return out if bias is None else out + bias
+        # With adapter dropout, PEFT's form: the frozen path sees the clean input and
+        # only the correction (scale - 1) W0 x and the low-rank term see dropped input.
+        x_drop = self.dropout(x)
+        return self.base_layer(x) + (scale - 1) * F.linear(x_drop, w0) + scale * self.low_rank(x_drop)
+
+    def merged_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        scale = self.magnitude / weight.norm(p=2, dim=1)
+        return (scale.unsqueeze(1) * weight).to(self.base_layer.weight.dtype)

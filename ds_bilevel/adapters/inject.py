@@ -1,0 +1,63 @@
+"""Put adapter layers into a model by target-module names, and take them out again (merge)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ds_bilevel.adapters.base import AdapterLayer
+from ds_bilevel.adapters.config import AdapterConfig
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Wrap every nn.Linear whose name matches a target with ``config.method``'s layer.
+
+    Freezes every base parameter first: after this call the only trainable
+    parameters are the adapters' own. Returns the adapted layer names. A target
+    that matches nothing is an error listing the model's linear layers.
+    """
+    from ds_bilevel.adapters import METHODS
+
+    config.validate()
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError("model already holds adapter layers; inject into a fresh base model")
+    layer_cls = METHODS[config.method]
+    linears = linear_layer_names(model)
+    chosen = {t: [n for n in linears if _matches(n, t)] for t in config.target_modules}
+    missing = [t for t, names in chosen.items() if not names]
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"adapter.target_modules: {missing} match no linear layer; "
+                         f"the model's linear layers are named {short}")
+    names = sorted({n for names in chosen.values() for n in names}, key=linears.index)
+    for name in names:
+        base = model.get_submodule(name)
+        if min(base.in_features, base.out_features) < config.rank:
+            raise ValueError(f"adapter.rank: {config.rank} exceeds layer {name} "
+                             f"({base.out_features} x {base.in_features})")
+    model.requires_grad_(False)
+    for name in names:
+        _set_submodule(model, name, layer_cls.from_config(model.get_submodule(name), config))
+    return names
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by a plain nn.Linear holding its merged weight, in place.
+
+    Under ZeRO-3 each layer is gathered on its own (``AdapterLayer.merged_linear``).
+    """
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]:
+        _set_submodule(model, name, layer.merged_linear())
+    return model

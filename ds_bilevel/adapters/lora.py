@@ -1,0 +1,43 @@
+"""LoRA (Hu et al. 2021): W = W0 + s B A, B (out, r) zero-initialised, A (r, in) Kaiming-uniform."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_bilevel.adapters.base import AdapterLayer, kaiming_uniform_
+from ds_bilevel.adapters.config import AdapterConfig
+from ds_bilevel.levels import Level
+
+
+class LoraLayer(AdapterLayer):
+    """One-level baseline: A and B are both inner parameters; there is no outer level."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base_layer, rank, alpha, dropout)
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r)
+        kaiming_uniform_(self.lora_A)
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Linear, config: AdapterConfig) -> LoraLayer:
+        return cls(base_layer, config.rank, config.alpha, config.dropout)
+
+    def _level_names(self, level: Level) -> tuple[str, ...]:
+        return ("lora_A", "lora_B") if level is Level.INNER else ()
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """s B A x for (already dropped-out) activations (..., in) -> (..., out), never forming B A."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.low_rank(self.dropout(x))
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
