@@ -55,6 +55,14 @@ class AdapterLayer(nn.Module):
         # the frozen path, which changes the pretrained function).
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @classmethod
+    def rank_fields(cls, config) -> dict[str, int]:
+        """The config fields that set a rank of this method's factors, with their values.
+
+        ``inject_adapters`` checks each against every target layer before it changes the model.
+        """
+        return {"rank": config.rank}
+
     # ---- level API -------------------------------------------------------------------
     def _level_names(self, level: Level) -> tuple[str, ...]:
         """Names of this layer's own parameters that belong to ``level``."""

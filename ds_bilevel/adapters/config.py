@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAMBDA_PARAMS = ("real", "softmax", "binary")
 
 
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """lora | dora (one-level baselines); the bi-level methods are listed by ``ds_bilevel.adapters.METHODS``."""
+    """lora | dora (one-level baselines) | bilora | bidora | bilora_sam (``ds_bilevel.adapters.METHODS``)."""
     rank: int = 8
     """r: rank of the low-rank update."""
     alpha: float = 16.0
@@ -21,6 +23,23 @@ class AdapterConfig:
     """Names (last component, e.g. q_proj, or a full dotted name) of the nn.Linear layers to adapt."""
     detach_norm: bool = True
     """DoRA/BiDoRA: treat the row norm as a constant in backward (DoRA section 4.3, PEFT)."""
+    lambda_param: str = "softmax"
+    """BiLoRA: how the pseudo singular values lambda are parameterised: real | softmax | binary
+    (sigmoid, pushed to 0/1 by ``binary_reg_weight``). Softmax did best in the paper's ablation."""
+    orth_reg_weight: float = 0.1
+    """BiLoRA: weight g1 of the inner-level orthogonality regulariser ||P^T P - I||^2 + ||Q Q^T - I||^2
+    (0 turns it off)."""
+    binary_reg_weight: float = 0.1
+    """BiLoRA with lambda_param=binary: weight g2 of the outer-level regulariser mean(lambda (1 - lambda))
+    that pushes lambda to 0/1 (0 turns it off)."""
+    direction_orth_weight: float = 0.0
+    """BiDoRA: weight g_d of the inner-level regulariser ||D^T D - I||_F on the row-normalised direction
+    D (0 = off, the default; the paper's scripts use 1e-5). Costs min(out, in)^2 * max(out, in)
+    multiply-adds per layer per step."""
+    aux_rank: int = 8
+    """Bi-LoRA (bilora_sam): rank r2 of the auxiliary (ascent) module B2 A2."""
+    rho: float = 0.05
+    """Bi-LoRA (bilora_sam): radius of the global clip sqrt(sum ||s B2 A2||_F^2) <= rho."""
 
     def validate(self) -> None:
         from ds_bilevel.adapters import METHODS
@@ -35,3 +54,14 @@ class AdapterConfig:
             raise ValueError(f"adapter.dropout: {self.dropout!r} must be in [0, 1)")
         if not self.target_modules:
             raise ValueError("adapter.target_modules: empty; give at least one linear-layer name")
+        if self.lambda_param not in LAMBDA_PARAMS:
+            raise ValueError(f"adapter.lambda_param: {self.lambda_param!r} is not one of "
+                             f"{list(LAMBDA_PARAMS)}")
+        for name in ("orth_reg_weight", "binary_reg_weight", "direction_orth_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"adapter.{name}: {value!r} must be a finite number >= 0 (0 turns it off)")
+        if not (isinstance(self.aux_rank, int) and self.aux_rank >= 1):
+            raise ValueError(f"adapter.aux_rank: {self.aux_rank!r} must be an integer >= 1")
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"adapter.rho: {self.rho!r} must be a finite number > 0")

@@ -44,9 +44,11 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
     names = sorted({n for names in chosen.values() for n in names}, key=linears.index)
     for name in names:
         base = model.get_submodule(name)
-        if min(base.in_features, base.out_features) < config.rank:
-            raise ValueError(f"adapter.rank: {config.rank} exceeds layer {name} "
-                             f"({base.out_features} x {base.in_features})")
+        for field_name, rank in layer_cls.rank_fields(config).items():
+            if min(base.in_features, base.out_features) < rank:
+                raise ValueError(f"adapter.{field_name}: {rank} exceeds layer {name} "
+                                 f"({base.out_features} x {base.in_features}); use at most "
+                                 f"{min(base.in_features, base.out_features)}")
     model.requires_grad_(False)
     for name in names:
         _set_submodule(model, name, layer_cls.from_config(model.get_submodule(name), config))
@@ -61,3 +63,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]:
         _set_submodule(model, name, layer.merged_linear())
     return model
+
+
+def named_base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The frozen base's parameters under their original names (``.base_layer`` removed)."""
+    adapter_ids = {id(p) for _, layer in model.named_modules() if isinstance(layer, AdapterLayer)
+                   for p in layer.adapter_parameters()}
+    return [(name.replace(".base_layer.", "."), p) for name, p in model.named_parameters()
+            if id(p) not in adapter_ids]

@@ -1,0 +1,124 @@
+"""Bi-LoRA (arXiv 2508.19564): sharpness-aware LoRA in one pass, W = W0 + s B1 A1 + s B2 A2.
+
+The primary module (lora_A = A1, lora_B = B1) descends and is the inner level; the
+auxiliary module (aux_A = A2, aux_B = B2, rank ``aux_rank``) ascends and plays the outer
+role. Both see the same forward and backward: the layer only declares the levels, and the
+engine negates the auxiliary gradients for the ascent. After each step the auxiliary
+modules are clipped together so that sqrt(sum_j ||s B2_j A2_j||_F^2) <= rho (the paper's
+global clipping; per-layer clipping did worse in its ablation). Inference drops the
+auxiliary module: ``merged_weight`` is LoRA's W0 + s B1 A1.
+
+One scaling s = alpha / rank for both modules, as the paper's formula writes it; the clip
+bounds s B2 A2 itself, so s only sets the size of the auxiliary gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_bilevel.adapters.base import gathered, is_zero3_partitioned, kaiming_uniform_
+from ds_bilevel.adapters.config import AdapterConfig
+from ds_bilevel.adapters.lora import LoraLayer
+from ds_bilevel.levels import Level
+
+
+class BiLoraSamLayer(LoraLayer):
+    """Primary (lora_A, lora_B) inner; auxiliary (aux_A, aux_B) outer."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 aux_rank: int = 8):
+        super().__init__(base_layer, rank, alpha, dropout)
+        self.aux_rank = aux_rank
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        # Same init as the primary module: B2 = 0 keeps the model a no-op at step 0, and a
+        # random A2 lets the first ascent step move B2 (with A2 = 0 too, neither would move).
+        self.aux_A = nn.Parameter(torch.empty(aux_rank, self.in_features, **factory))  # (r2, in)
+        self.aux_B = nn.Parameter(torch.zeros(self.out_features, aux_rank, **factory))  # (out, r2)
+        kaiming_uniform_(self.aux_A)
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Linear, config: AdapterConfig) -> BiLoraSamLayer:
+        return cls(base_layer, config.rank, config.alpha, config.dropout, config.aux_rank)
+
+    @classmethod
+    def rank_fields(cls, config: AdapterConfig) -> dict[str, int]:
+        return {"rank": config.rank, "aux_rank": config.aux_rank}
+
+    def _level_names(self, level: Level) -> tuple[str, ...]:
+        return ("lora_A", "lora_B") if level is Level.INNER else ("aux_A", "aux_B")
+
+    def auxiliary(self, x: torch.Tensor) -> torch.Tensor:
+        """s B2 A2 x for (already dropped-out) activations, never forming B2 A2."""
+        return F.linear(F.linear(x, self.aux_A), self.aux_B) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_drop = self.dropout(x)  # one mask for both modules: they perturb the same weight
+        return self.base_layer(x) + self.low_rank(x_drop) + self.auxiliary(x_drop)
+
+    # merged_weight is LoraLayer's W0 + s B1 A1: the auxiliary module is dropped at inference.
+
+    def auxiliary_sq_norm(self) -> torch.Tensor:
+        """||s B2 A2||_F^2 = s^2 tr((B2^T B2)(A2 A2^T)) from two (r2, r2) Gram matrices, in fp32."""
+        a, b = self.aux_A.float(), self.aux_B.float()
+        # Both Gram matrices are symmetric, so tr(X Y) = sum(X * Y).
+        return (b.T @ b * (a @ a.T)).sum() * self.scaling**2
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, aux_rank={self.aux_rank}"
+
+
+def auxiliary_layers(model: nn.Module) -> list[BiLoraSamLayer]:
+    return [m for m in model.modules() if isinstance(m, BiLoraSamLayer)]
+
+
+def auxiliary_sq_norm(model: nn.Module) -> torch.Tensor:
+    """sum_j ||s B2_j A2_j||_F^2 over this process's auxiliary modules, an fp32 scalar.
+
+    Each layer's auxiliary pair is gathered on its own under ZeRO-3 (collective: call on
+    every rank), so there every rank gets the full sum and must not all-reduce it again.
+    """
+    total = torch.zeros(())
+    for layer in auxiliary_layers(model):
+        with gathered([layer.aux_A, layer.aux_B]), torch.no_grad():
+            sq = layer.auxiliary_sq_norm()
+        total = total.to(sq.device) + sq
+    return total
+
+
+@torch.no_grad()
+def scale_auxiliary_(model: nn.Module, factor: float) -> None:
+    """Multiply every aux_A and aux_B of ``model`` by ``factor`` in place (module tensors only:
+    an engine that keeps fp32 master copies must scale those)."""
+    for layer in auxiliary_layers(model):
+        for param in (layer.aux_A, layer.aux_B):
+            # Under ZeRO-3 the module tensor is empty; the local partition is ds_tensor.
+            (param.ds_tensor if is_zero3_partitioned(param) else param).mul_(factor)
+
+
+def clip_factor(norm: torch.Tensor | float, rho: float) -> float:
+    """sqrt(rho / c) when c > rho, else 1: scaling both factors by it scales each B2 A2 by rho / c."""
+    c = float(norm)
+    return (rho / c) ** 0.5 if c > rho else 1.0
+
+
+def clip_auxiliary_(model: nn.Module, rho: float,
+                    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Global clip of the auxiliary modules to sqrt(sum_j ||s B2_j A2_j||_F^2) <= rho; returns c.
+
+    ``all_reduce`` sums the squared norm over processes that hold disjoint shares of the
+    auxiliary modules (leave it None when every process sees them all). Below the radius
+    nothing is touched, bit for bit.
+    """
+    sq = auxiliary_sq_norm(model)
+    if all_reduce is not None:
+        sq = all_reduce(sq)
+    norm = sq.sqrt()
+    factor = clip_factor(norm, rho)
+    if factor != 1.0:
+        scale_auxiliary_(model, factor)
+    return norm

@@ -1,0 +1,200 @@
+"""Typed run settings: one dataclass tree, read from YAML then the command line, validated here.
+
+Precedence: dataclass defaults < ``--config run.yaml`` < command-line flags. Nested
+sections are addressed with a dot on the command line (``--adapter.rank 16``) and as
+mappings in YAML (``adapter: {rank: 16}``). Unknown keys are rejected with the list
+of valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ds_bilevel.adapters.config import AdapterConfig
+from ds_bilevel.data import DataConfig
+
+# Command-line names that stand for a nested field (the contract of launch/train.py).
+ALIASES = {"method": "adapter.method"}
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class RunConfig:
+    model_name_or_path: str = "builtin:tiny-llama"
+    """An HF model folder (config.json + weights) or a builtin name (builtin:tiny-llama)."""
+    dataset: str = "builtin:instruct"
+    """A local .jsonl/.json/.csv/.parquet file with prompt/response fields, or builtin:instruct."""
+    output_dir: str = "runs/default"
+    """Where the run writes its adapters, metrics and summary."""
+    ds_config: str = "ds_configs/cpu_zero2.json"
+    """DeepSpeed JSON config; its "auto" values are filled from these settings."""
+    max_steps: int = 300
+    """Optimizer steps to train (one step = one global batch)."""
+    seed: int = 0
+    """Seeds the builtin model and data, the adapter init and the batch order."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = 2e-3
+    """Peak learning rate of the adapter parameters."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
+    warmup_ratio: float = 0.1
+    """Share of max_steps spent warming the learning rate up linearly from 0."""
+    lr_scheduler: str = "linear"
+    """Decay after warm-up: linear | cosine | constant."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clipping (0 turns it off); fills DeepSpeed's gradient_clipping."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (transformers' gradient checkpointing, non-reentrant)."""
+    eval_steps: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_batch_size: int = 32
+    """Examples per rank per evaluation forward."""
+    log_steps: int = 10
+    """Write a metrics line every N steps."""
+    overwrite_output_dir: bool = False
+    """Allow writing into an output_dir that already holds a run."""
+    trust_remote_code: bool = False
+    """Passed to transformers when loading a model folder; off unless you trust the folder."""
+    checksum_base: bool = False
+    """Write a sha256 of the frozen base weights into summary.json (proves they never moved)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+    def validate(self) -> None:
+        """Check every setting; raise ValueError('<field>: <bad value> ...<allowed>')."""
+        self.adapter.validate()
+        self.data.validate()
+        for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "eval_batch_size",
+                     "log_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}: {value!r} must be an integer >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: {self.learning_rate!r} must be > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.eval_steps < 0:
+            raise ValueError("weight_decay, max_grad_norm and eval_steps must be >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
+        if not Path(self.ds_config).is_file():
+            raise ValueError(f"ds_config: file {self.ds_config!r} does not exist")
+
+
+# ---- reading settings ----------------------------------------------------------------------
+def _fields(cls) -> dict[str, tuple[type, dataclasses.Field]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def flat_field_types(cls=RunConfig, prefix: str = "") -> dict[str, type]:
+    """{'max_steps': int, 'adapter.rank': int, ...} for every leaf setting."""
+    out = {}
+    for name, (hint, _) in _fields(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out.update(flat_field_types(hint, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = hint
+    return out
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def _converter(hint):
+    if hint is bool:
+        return _parse_bool
+    if typing.get_origin(hint) is list:
+        return lambda text: [item for item in text.split(",") if item]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _check_type(key: str, value, hint) -> object:
+    """Coerce YAML values (ints given for floats, strings for lists) and refuse wrong types."""
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(hint) is list:
+        value = value.split(",") if isinstance(value, str) else value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + str(key)] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="ds_bilevel training", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of settings; command-line flags override it")
+    parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
+    types = flat_field_types()
+    for key, hint in types.items():
+        names = [f"--{key}"] + [f"--{a}" for a, target in ALIASES.items() if target == key]
+        parser.add_argument(*names, dest=key, type=_converter(hint), metavar=key.rsplit(".", 1)[-1].upper())
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> RunConfig:
+    """Defaults < YAML < command line; then validate. Raises ValueError on any bad setting."""
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank", None)
+    values = {}
+    if "config" in args:
+        values.update(read_yaml(args.pop("config")))
+    values.update(args)
+    return config_from_flat(values)
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise ValueError(f"config: file {path!r} does not exist")
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config: {path} must hold a mapping of settings")
+    return {ALIASES.get(k, k): v for k, v in _flatten(loaded).items()}
+
+
+def config_from_flat(values: dict) -> RunConfig:
+    types = flat_field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; valid settings are {sorted(types)}")
+    config = RunConfig()
+    for key, value in values.items():
+        section, _, leaf = key.rpartition(".")
+        target = getattr(config, section) if section else config
+        setattr(target, leaf, _check_type(key, value, types[key]))
+    config.validate()
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,118 @@
+"""Datasets, tokenisation and a world-size-independent batch order.
+
+Examples are dicts with a prompt and a response; the loss is taken on the response
+tokens only (labels are -100 on the prompt and on padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_DATASETS = {"builtin:instruct"}
+FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataConfig:
+    train_size: int = 2048
+    """builtin:instruct only: number of generated training examples."""
+    eval_size: int = 256
+    """Evaluation examples (builtin: generated with another seed; files: held out from the file)."""
+    prompt_field: str = "prompt"
+    """Column holding the instruction."""
+    response_field: str = "response"
+    """Column holding the answer; the loss is taken on these tokens only."""
+    max_length: int = 64
+    """Prompt + response tokens are truncated to this length (the prompt is cut first)."""
+
+    def validate(self) -> None:
+        for name in ("train_size", "eval_size", "max_length"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"data.{name}: {value!r} must be an integer >= 1")
+
+
+def load_records(dataset: str, config: DataConfig, seed: int):
+    """(train, eval) as ``datasets.Dataset`` objects with prompt/response columns."""
+    from datasets import Dataset, load_dataset
+
+    if dataset in BUILTIN_DATASETS:
+        from ds_bilevel.builtin.task import make_split
+
+        train = Dataset.from_list(make_split(seed=seed, size=config.train_size))
+        # A different generator seed: evaluation examples are fresh draws, not training ones.
+        evaluation = Dataset.from_list(make_split(seed=seed + 7919, size=config.eval_size))
+        return train, evaluation
+    path = Path(dataset)
+    if path.suffix not in FILE_LOADERS:
+        raise ValueError(f"dataset: {dataset!r} is neither a builtin ({sorted(BUILTIN_DATASETS)}) "
+                         f"nor a file ending in {sorted(FILE_LOADERS)}")
+    if not path.is_file():
+        raise ValueError(f"dataset: file {dataset!r} does not exist")
+    records = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+    for field in (config.prompt_field, config.response_field):
+        if field not in records.column_names:
+            raise ValueError(f"data: field {field!r} not in {dataset}; its fields are {records.column_names}")
+    if len(records) <= config.eval_size:
+        raise ValueError(f"data.eval_size: {config.eval_size} leaves no training example out of {len(records)}")
+    parts = records.train_test_split(test_size=config.eval_size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def tokenize(records, tokenizer, config: DataConfig):
+    """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets."""
+    eos = tokenizer.eos_token_id
+
+    def encode(example):
+        prompt = tokenizer(example[config.prompt_field] + "\n").input_ids
+        response = tokenizer(str(example[config.response_field]), add_special_tokens=False).input_ids + [eos]
+        prompt = prompt[-max(config.max_length - len(response), 1):]
+        input_ids = (prompt + response)[: config.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + response)[: config.max_length]
+        return {"input_ids": input_ids, "labels": labels}
+
+    return records.map(encode, remove_columns=records.column_names, desc="tokenize")
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the micro-batch."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class GlobalBatchOrder:
+    """Which examples each step consumes, the same whatever the world size.
+
+    Step t draws the global batch ``order[t*G : (t+1)*G]`` (G = global batch size) from
+    a seeded permutation per epoch. Rank r's micro-step k takes the contiguous slice
+    ``[(k*W + r) * m, (k*W + r + 1) * m)`` of it (m = micro batch, W = world size), so
+    1, 2 or 4 ranks with the same G consume the same examples in the same step.
+    """
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int):
+        if num_examples < global_batch:
+            raise ValueError(f"train_batch_size: {global_batch} exceeds the {num_examples} training examples")
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.steps_per_epoch = num_examples // global_batch  # the ragged tail is dropped
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_examples, generator=generator)
+        return order[position * self.global_batch:(position + 1) * self.global_batch].tolist()
+
+    def micro_indices(self, step: int, micro_step: int, rank: int, world_size: int, micro_batch: int) -> list[int]:
+        start = (micro_step * world_size + rank) * micro_batch
+        return self.global_indices(step)[start:start + micro_batch]

@@ -1,0 +1,72 @@
+"""Train an adapter with DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/cpu_zero2.json --method lora
+
+Every setting is checked (and the DeepSpeed config filled) before any process group
+starts: a bad one prints one line naming it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+
+from ds_bilevel.config import RunConfig, load_config  # noqa: E402
+from ds_bilevel.ds_config import fill_ds_config, read_ds_config  # noqa: E402
+
+
+def check_output_dir(run: RunConfig) -> None:
+    out = Path(run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not run.overwrite_output_dir:
+        raise ValueError(f"output_dir: {out} is not empty; choose another or pass --overwrite_output_dir true")
+
+
+def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
+    run = load_config(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = fill_ds_config(read_ds_config(run.ds_config), run, world_size)
+    check_output_dir(run)
+    return run, ds_config
+
+
+def print_summary(summary: dict) -> None:
+    print(
+        "\n== ds_bilevel run summary ==\n"
+        f"eval loss      {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}\n"
+        f"exact match    {summary['exact_match_before']:.3f} -> {summary['exact_match_after']:.3f}\n"
+        f"train loss     {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}\n"
+        f"throughput     {summary['tokens_per_s']:.0f} tokens/s over {summary['world_size']} ranks "
+        f"({summary['steps']} steps in {summary['train_time_s']:.1f} s)\n"
+        f"outputs        {summary['output_dir']} (adapter_model.safetensors, metrics.jsonl, summary.json)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run, ds_config = validated_settings(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from ds_bilevel.recipe import TrainingRecipe
+
+    recipe = TrainingRecipe(run, ds_config)
+    recipe.setup()
+    summary = recipe.save(recipe.train())
+    if recipe.rank == 0:
+        print_summary(summary)
+        print(json.dumps(summary), file=sys.stderr if os.environ.get("DS_BILEVEL_QUIET") else sys.stdout)
+    recipe.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from ds_bilevel.data import IGNORE_INDEX, DataConfig, GlobalBatchOrder, collate, load_records, tokenize
+from ds_bilevel.models import load_tokenizer
+
+
+@pytest.mark.parametrize("world_size,accumulation", [(1, 4), (2, 2), (4, 1)])
+def test_batch_order_is_world_size_independent(world_size, accumulation):
+    micro = 8 // (world_size * accumulation) * 2
+    global_batch = micro * accumulation * world_size
+    reference = GlobalBatchOrder(100, global_batch, seed=3)
+    for step in range(30):  # crosses epoch boundaries (6 steps per epoch)
+        consumed = [i for k in range(accumulation) for r in range(world_size)
+                    for i in reference.micro_indices(step, k, r, world_size, micro)]
+        assert consumed == GlobalBatchOrder(100, global_batch, seed=3).global_indices(step)
+    one_rank = GlobalBatchOrder(100, global_batch, seed=3)
+    assert one_rank.global_indices(7) == reference.global_indices(7)
+    assert reference.global_indices(0) != GlobalBatchOrder(100, global_batch, seed=4).global_indices(0)
+
+
+def test_each_epoch_is_a_permutation():
+    order = GlobalBatchOrder(40, 8, seed=0)
+    epoch = [i for step in range(5) for i in order.global_indices(step)]
+    assert sorted(epoch) == list(range(40))
+
+
+def test_tokenize_masks_prompt_and_appends_eos():
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    train, _ = load_records("builtin:instruct", DataConfig(train_size=8, eval_size=4), seed=0)
+    row = tokenize(train, tokenizer, DataConfig())[0]
+    answer = tokenizer(train[0]["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    labelled = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert labelled == answer
+    assert row["input_ids"][-len(answer):] == answer
+    assert row["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_collate_pads_right():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_local_jsonl_file_and_missing_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "response": f"a{i}"}) for i in range(20)))
+    with pytest.raises(ValueError, match=r"data: field 'prompt' not in .*; its fields are \['question', 'response'\]"):
+        load_records(str(path), DataConfig(eval_size=4), seed=0)
+    train, evaluation = load_records(str(path), DataConfig(eval_size=4, prompt_field="question"), seed=0)
+    assert (len(train), len(evaluation)) == (16, 4)
+    assert not set(train["question"]) & set(evaluation["question"])
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ValueError, match="dataset: 'builtin:nope' is neither a builtin"):
+        load_records("builtin:nope", DataConfig(), seed=0)

@@ -1,0 +1,35 @@
+import torch
+
+from ds_bilevel.levels import Level
+from ds_bilevel.optim import LevelAdamW, build_param_groups, schedule_lambda
+
+
+def test_step_moves_only_the_active_level():
+    inner, outer = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    groups = build_param_groups({Level.INNER: [inner], Level.OUTER: [outer]},
+                                lr={Level.INNER: 0.1, Level.OUTER: 0.1},
+                                weight_decay={Level.INNER: 0.5, Level.OUTER: 0.5})
+    optimizer = LevelAdamW(groups)
+    (inner.sum() + outer.sum()).backward()
+    optimizer.active_level = Level.INNER.value
+    optimizer.step()
+    assert torch.equal(outer, torch.ones(2))  # neither the gradient nor the weight decay touched it
+    assert outer not in optimizer.state or not optimizer.state[outer]  # no Adam moments either
+    assert not torch.equal(inner, torch.ones(3))
+    reference = torch.nn.Parameter(torch.ones(3))
+    reference.grad = torch.ones(3)
+    torch.optim.AdamW([reference], lr=0.1, weight_decay=0.5).step()
+    assert torch.equal(inner, reference)  # the active level is plain AdamW
+    moved_inner = inner.detach().clone()
+    optimizer.active_level = Level.OUTER.value
+    optimizer.step()
+    assert torch.equal(inner, moved_inner) and not torch.equal(outer, torch.ones(2))
+    assert len(optimizer.param_groups) == 2  # the filter is undone after each step
+
+
+def test_schedules():
+    linear = schedule_lambda("linear", total_steps=10, warmup_steps=2)
+    assert [round(linear(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+    cosine = schedule_lambda("cosine", total_steps=10, warmup_steps=0)
+    assert abs(cosine(5) - 0.5) < 1e-9 and cosine(10) < 1e-12
+    assert schedule_lambda("constant", 10, 0)(9) == 1.0
