@@ -1,61 +1,6 @@
-"""Shared test helpers: tiny models and the real deepspeed launcher on CPU ranks."""
+"""Test session set-up. Helpers that tests import live in launch_helpers.py: pytest keeps one
+module named ``conftest`` per session, so nothing may import from a conftest."""
 
-from __future__ import annotations
-
-import json
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_ds_config(folder: Path, stage: int, bf16: bool) -> Path:
-    path = folder / f"ds_stage{stage}_{'bf16' if bf16 else 'fp32'}.json"
-    config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-              "bf16": {"enabled": bf16}, "zero_optimization": {"stage": stage},
-              "steps_per_print": 10**6}
-    path.write_text(json.dumps(config))
-    return path
-
-
-def launch(args: list[str], num_ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run launch/train.py through the real `deepspeed` launcher on CPU ranks."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-               "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_summary(output_dir: Path) -> dict:
-    return json.loads((output_dir / "summary.json").read_text())
-
-
-# Small settings shared by launcher tests: the micro model trains in seconds.
-FAST_ARGS = ["--model_name_or_path", "builtin:micro-llama", "--data.train_size", "256",
-             "--data.eval_size", "32", "--micro_batch_size", "4", "--learning_rate", "2e-2",
-             "--warmup_ratio", "0", "--checksum_base", "true"]
-
-
-@pytest.fixture
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import torch
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()

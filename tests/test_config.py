@@ -56,3 +56,11 @@ def test_wrong_type_in_yaml(tmp_path):
 def test_every_setting_has_a_command_line_flag():
     types = flat_field_types()
     assert {"max_steps", "seed", "output_dir", "ds_config", "adapter.method", "data.max_length"} <= set(types)
+
+
+def test_every_setting_is_documented():
+    from launch_helpers import REPO
+
+    usage = (REPO / "docs" / "usage.md").read_text()
+    missing = [key for key in flat_field_types() if f"`{key}`" not in usage]
+    assert not missing, f"settings missing from docs/usage.md: {missing}"

@@ -41,7 +41,7 @@ class DoraLayer(LoraLayer):
         """||W0 + s B A||_row, (out,); detached when ``detach_norm``."""
         weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
         norm = weight.norm(p=2, dim=1)
-        return norm.detach()
+        return norm.detach() if self.detach_norm else norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.direction_row_norm()  # (out,)

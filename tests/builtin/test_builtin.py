@@ -1,9 +1,13 @@
 import torch
 
 from ds_bilevel.builtin.model import build_builtin_model
-from ds_bilevel.builtin.task import SKILLS, make_split
-from ds_bilevel.builtin.tokenizer import TOKENIZER_DIR, VOCAB_SIZE, load_builtin_tokenizer, train_tokenizer_model
-from ds_bilevel.builtin.task import corpus_for_tokenizer
+from ds_bilevel.builtin.task import SKILLS, corpus_for_tokenizer, make_split
+from ds_bilevel.builtin.tokenizer import (
+    TOKENIZER_DIR,
+    VOCAB_SIZE,
+    load_builtin_tokenizer,
+    train_tokenizer_model,
+)
 
 
 def test_shipped_tokenizer_is_reproducible_from_the_project_text():
