@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.config import RunConfig
 from ds_bilevel.data import IGNORE_INDEX
-from ds_bilevel.ds_config import offloads_optimizer
+from ds_bilevel.ds_config import offloads_optimizer, zero_stage
 from ds_bilevel.levels import Level, level_parameters, regularizer
 from ds_bilevel.optim import build_optimizer, build_param_groups, build_scheduler
 
@@ -33,6 +34,12 @@ class BilevelEngine:
         wd = {Level.INNER: run.weight_decay, Level.OUTER: run.weight_decay}
         optimizer = build_optimizer(build_param_groups(groups, lr, wd), offload=offloads_optimizer(ds_config))
         scheduler = build_scheduler(optimizer, run.lr_scheduler, run.max_steps, run.warmup_ratio)
+        if zero_stage(ds_config) == 3:
+            # An adapter reads its base weight outside base_layer's own forward (DoRA's norm,
+            # merged forms): ZeRO-3 must gather a whole adapter layer, children included.
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [AdapterLayer])
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.world_size = self.engine.world_size

@@ -23,7 +23,9 @@ def write_ds_config(folder: Path, stage: int, bf16: bool) -> Path:
     path = folder / f"ds_stage{stage}_{'bf16' if bf16 else 'fp32'}.json"
     config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-              "bf16": {"enabled": bf16}, "zero_optimization": {"stage": stage},
+              "bf16": {"enabled": bf16},
+              # Persistence threshold 0: ZeRO-3 must really partition the tiny test weights.
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "steps_per_print": 10**6}
     path.write_text(json.dumps(config))
     return path
