@@ -1,0 +1,57 @@
+"""Settings of the bi-level schedule and of the hypergradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HYPERGRAD_METHODS = ("first_order", "darts", "neumann", "cg")
+DARTS_FORMS = ("betty", "original")
+
+
+@dataclass
+class BilevelConfig:
+    hypergrad: str = "darts"
+    """first_order | darts | neumann | cg: how the outer gradient accounts for the inner solution."""
+    unroll_steps: int = 1
+    """T1: inner steps (on D1) between outer phases (BiDoRA's code: 1)."""
+    outer_steps: int = 1
+    """T2: outer steps (on D2) per outer phase."""
+    split_ratio: float = 0.8
+    """Share of the training data in D1 (inner level); the rest is D2 (outer level). Papers: 0.8."""
+    outer_learning_rate: float = 0.0
+    """Peak learning rate of the outer level (0: the same as learning_rate)."""
+    outer_weight_decay: float = 0.0
+    """Decoupled weight decay of the outer level (BiDoRA's scripts decay the magnitude, 0 to 1)."""
+    hypergrad_eps: float = 0.01
+    """Central-difference step: the inner weights move by eps / ||u|| * u (DARTS and Betty use 0.01)."""
+    darts_form: str = "betty"
+    """betty: h = g_val - J v (Betty's darts, used for BiDoRA's numbers); original: h = g_val - xi J v
+    with xi the inner learning rate (Liu et al. 2019)."""
+    neumann_terms: int = 3
+    """K: terms of the Neumann series for the inverse Hessian-vector product."""
+    neumann_alpha: float = 0.0
+    """Step of the Neumann series, p = alpha sum_k (I - alpha H)^k v (0: the inner learning rate)."""
+    cg_steps: int = 3
+    """K: conjugate-gradient iterations for H p = v."""
+
+    def validate(self) -> None:
+        if self.hypergrad not in HYPERGRAD_METHODS:
+            raise ValueError(f"bilevel.hypergrad: {self.hypergrad!r} is not one of {list(HYPERGRAD_METHODS)}")
+        if self.darts_form not in DARTS_FORMS:
+            raise ValueError(f"bilevel.darts_form: {self.darts_form!r} is not one of {list(DARTS_FORMS)}")
+        for name in ("unroll_steps", "outer_steps", "neumann_terms", "cg_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"bilevel.{name}: {value!r} must be an integer >= 1")
+        if not 0.0 < self.split_ratio < 1.0:
+            raise ValueError(f"bilevel.split_ratio: {self.split_ratio!r} must be in (0, 1)")
+        if not self.hypergrad_eps > 0:
+            raise ValueError(f"bilevel.hypergrad_eps: {self.hypergrad_eps!r} must be > 0")
+        for name in ("outer_learning_rate", "outer_weight_decay", "neumann_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"bilevel.{name}: {getattr(self, name)!r} must be >= 0")
+
+    def passes_per_outer_step(self) -> int:
+        """Forward/backward passes over one global batch that one outer step costs."""
+        return {"first_order": 1, "darts": 3, "neumann": 2 * self.neumann_terms + 3,
+                "cg": 2 * self.cg_steps + 3}[self.hypergrad]
