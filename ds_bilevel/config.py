@@ -16,9 +16,11 @@ from pathlib import Path
 
 from ds_bilevel.adapters.config import AdapterConfig
 from ds_bilevel.data import DataConfig
+from ds_bilevel.hypergrad.config import BilevelConfig
 
 # Command-line names that stand for a nested field (the contract of launch/train.py).
-ALIASES = {"method": "adapter.method"}
+ALIASES = {"method": "adapter.method", "hypergrad": "bilevel.hypergrad", "unroll_steps": "bilevel.unroll_steps",
+           "split_ratio": "bilevel.split_ratio"}
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 
 
@@ -33,7 +35,7 @@ class RunConfig:
     ds_config: str = "ds_configs/cpu_zero2.json"
     """DeepSpeed JSON config; its "auto" values are filled from these settings."""
     max_steps: int = 300
-    """Optimizer steps to train (one step = one global batch)."""
+    """Inner optimizer steps to train (one step = one global batch; bi-level methods add outer steps)."""
     seed: int = 0
     """Seeds the builtin model and data, the adapter init and the batch order."""
     micro_batch_size: int = 8
@@ -66,6 +68,7 @@ class RunConfig:
     """Write a sha256 of the frozen base weights into summary.json (proves they never moved)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    bilevel: BilevelConfig = field(default_factory=BilevelConfig)
 
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * world_size
@@ -74,6 +77,7 @@ class RunConfig:
         """Check every setting; raise ValueError('<field>: <bad value> ...<allowed>')."""
         self.adapter.validate()
         self.data.validate()
+        self.bilevel.validate()
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "eval_batch_size",
                      "log_steps"):
             value = getattr(self, name)

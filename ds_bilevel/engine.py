@@ -1,8 +1,17 @@
-"""BilevelEngine: one DeepSpeed engine over the whole model, adapter levels as param groups.
+"""BilevelEngine: one DeepSpeed engine over the whole model, the adapter levels as param groups.
 
-The adapter levels come from the adapters themselves (levels.py); the engine only
-schedules them. This version runs the one-level baselines (LoRA, DoRA): every
-optimizer step trains the inner group on a global batch.
+The adapters declare the levels and their training mode (levels.py, adapters/base.py); the
+engine schedules them and is a ``hypergrad.BilevelProblem``, so the hypergradient methods
+run on it unchanged.
+
+How a step maps onto DeepSpeed. Each *pass* (forward/backward over this rank's
+micro-batches of one global batch) is one DeepSpeed accumulation cycle: ``engine.backward``
+per micro-batch, ``engine.step`` after each but the last, so that after the last backward
+the gradients are reduced over all ranks and the cycle stays open at its boundary. There
+the engine reads or replaces gradients (``zero_access``) and closes the cycle with
+``engine.step`` while ``LevelAdamW`` moves only the levels it is told to: none after a pass
+that only measured gradients, the outer level after a hypergradient. Every forward and
+backward goes through the DeepSpeed engine, so ZeRO gathers, reduces and partitions as usual.
 """
 
 from __future__ import annotations
@@ -11,11 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from ds_bilevel.adapters.base import AdapterLayer
+from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
 from ds_bilevel.config import RunConfig
 from ds_bilevel.data import IGNORE_INDEX
 from ds_bilevel.ds_config import offloads_optimizer, zero_stage
-from ds_bilevel.levels import Level, level_parameters, regularizer
-from ds_bilevel.optim import build_optimizer, build_param_groups, build_scheduler
+from ds_bilevel.hypergrad import HYPERGRADS, Objective
+from ds_bilevel.levels import Level, adapter_layers, level_parameters, set_regularization
+from ds_bilevel.optim import LevelScheduler, build_optimizer, build_param_groups
+from ds_bilevel.schedule import Batch, outer_step_count
+from ds_bilevel.zero_access import full_grad, master_value, set_grad, set_master_value, write_compute_weight
+
+# The regularisers each objective includes: R1 (and BiDoRA's direction term) belong to the
+# inner objective, the binary lambda penalty R2 to the outer one.
+OBJECTIVE_LEVEL = {Objective.INNER: Level.INNER, Objective.OUTER: Level.OUTER}
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -24,68 +41,176 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def training_mode(model: torch.nn.Module) -> str:
+    modes = {layer.training_mode for _, layer in adapter_layers(model)}
+    if len(modes) != 1:
+        raise ValueError(f"adapter layers disagree on the training mode: {sorted(modes)}")
+    return modes.pop()
+
+
+def innermost_optimizer(optimizer):
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class BilevelEngine:
     def __init__(self, model: torch.nn.Module, run: RunConfig, ds_config: dict):
         import deepspeed
 
-        self.run = run
+        self.run, self.bilevel = run, run.bilevel
+        self.mode = training_mode(model)
         groups = {level: level_parameters(model, level) for level in Level}
-        lr = {Level.INNER: run.learning_rate, Level.OUTER: run.learning_rate}
-        wd = {Level.INNER: run.weight_decay, Level.OUTER: run.weight_decay}
+        lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
+        wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
         optimizer = build_optimizer(build_param_groups(groups, lr, wd), offload=offloads_optimizer(ds_config))
-        scheduler = build_scheduler(optimizer, run.lr_scheduler, run.max_steps, run.warmup_ratio)
         if zero_stage(ds_config) == 3:
-            # An adapter reads its base weight outside base_layer's own forward (DoRA's norm,
-            # merged forms): ZeRO-3 must gather a whole adapter layer, children included.
+            # An adapter reads its base weight outside base_layer's own forward (DoRA's norm):
+            # ZeRO-3 must gather a whole adapter layer, children included.
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [AdapterLayer])
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.client_optimizer = innermost_optimizer(self.optimizer)
+        total = {Level.INNER: run.max_steps, Level.OUTER: outer_step_count(
+            self.mode, run.max_steps, self.bilevel.unroll_steps, self.bilevel.outer_steps)}
+        self.scheduler = LevelScheduler(self.client_optimizer, run.lr_scheduler, total, run.warmup_ratio)
+        self.params = {level: level_parameters(self.engine.module, level) for level in Level}
         self.world_size = self.engine.world_size
         self.accumulation = self.engine.gradient_accumulation_steps()
+        self.batches: dict[Objective, Batch] = {}
+        self.losses: dict[Objective, float] = {}
+        self._cycle_open = False
+        self._masters: list[torch.Tensor] | None = None
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _set_active_level(self, level: Level) -> None:
-        # DeepSpeed wraps the client optimizer; the level flag lives on the innermost one.
-        inner = self.optimizer
-        while hasattr(inner, "optimizer"):
-            inner = inner.optimizer
-        inner.active_level = level.value
-
-    def forward_loss(self, batch: dict[str, torch.Tensor], num_global_tokens: int) -> tuple[torch.Tensor, float]:
+    # ---- passes --------------------------------------------------------------------------
+    def forward_loss(self, batch: dict[str, torch.Tensor], labelled_tokens: int) -> tuple[torch.Tensor, float]:
         """This micro-batch's share of the global-batch mean loss, scaled for DeepSpeed.
 
         DeepSpeed divides by the accumulation steps and averages gradients over ranks;
-        multiplying by (world x accumulation) / global tokens undoes both, so the
-        step's gradient is the token mean over the whole global batch, however it is
-        split across ranks and micro-steps (world-size invariance).
+        multiplying by (world x accumulation) / global tokens undoes both, so a pass's
+        gradient is the token mean over the whole global batch, however it is split across
+        ranks and micro-steps (world-size invariance).
         """
         device = self.engine.device
         logits = self.engine(input_ids=batch["input_ids"].to(device),
                              attention_mask=batch["attention_mask"].to(device)).logits
         summed = token_loss_sum(logits, batch["labels"].to(device))
-        scale = self.world_size * self.accumulation / num_global_tokens
-        loss = summed * scale
-        reg = regularizer(self.engine.module, Level.INNER)
-        if reg is not None:
-            loss = loss + reg
-        return loss, summed.item()
+        return summed * (self.world_size * self.accumulation / labelled_tokens), summed.item()
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_global_tokens: int) -> float:
-        """One optimizer step of the inner level over this rank's micro-batches.
+    def _run_pass(self, objective: Objective) -> None:
+        """Backward over the current batch of ``objective``, leaving the cycle open with the
+        gradients reduced (see the module docstring)."""
+        import deepspeed.comm as dist
 
-        Returns this rank's summed token loss (the caller reduces it across ranks).
-        """
-        self._set_active_level(Level.INNER)
+        self._close_cycle()
+        batch = self.batches[objective]
+        set_regularization(self.module, (OBJECTIVE_LEVEL[objective],), self.accumulation)
         self.engine.train()
-        total = 0.0
-        for batch in micro_batches:
-            loss, summed = self.forward_loss(batch, num_global_tokens)
+        summed = 0.0
+        for k, micro in enumerate(batch.micro_batches):
+            loss, micro_sum = self.forward_loss(micro, batch.labelled_tokens)
             self.engine.backward(loss)
+            summed += micro_sum
+            if k < len(batch.micro_batches) - 1:
+                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
+        self._cycle_open = True
+        total = torch.tensor([summed], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(total)
+        self.losses[objective] = total.item() / batch.labelled_tokens
+
+    def _close_cycle(self, levels: tuple[Level, ...] = ()) -> None:
+        """engine.step at the open boundary, moving only ``levels`` (none: a measuring pass)."""
+        if self._cycle_open:
+            self.client_optimizer.active_levels = frozenset(level.value for level in levels)
             self.engine.step()
-            total += summed
-        return total
+            self._cycle_open = False
+
+    def _zero_grads(self, level: Level) -> None:
+        # DeepSpeed clips the global norm of all gradients present: the level that does not
+        # step must not count.
+        for param in self.params[level]:
+            set_grad(param, torch.zeros(param.ds_shape if hasattr(param, "ds_id") else param.shape))
+
+    # ---- hypergrad.BilevelProblem ----------------------------------------------------------
+    def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self._run_pass(objective)
+        return [full_grad(p) for p in self.params[Level.INNER]], [full_grad(p) for p in self.params[Level.OUTER]]
+
+    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0) -> None:
+        """Set the compute weights of the inner level to master + scale * direction. The fp32
+        masters are never written, so ``None`` restores exactly. The open cycle is closed
+        first (its step rewrites compute weights from the masters), except on restore, which
+        keeps the last pass's gradients for the outer step."""
+        if direction is not None:
+            self._close_cycle()
+        if self._masters is None:
+            self._masters = [master_value(p) for p in self.params[Level.INNER]]
+        values = self._masters if direction is None else [
+            master + scale * d.to(master.device) for master, d in zip(self._masters, direction, strict=True)]
+        for param, value in zip(self.params[Level.INNER], values, strict=True):
+            write_compute_weight(param, value)
+        if direction is None:
+            self._masters = None
+
+    def inner_learning_rate(self) -> float:
+        return self.scheduler.get_lr(Level.INNER)
+
+    # ---- steps -----------------------------------------------------------------------------
+    def inner_step(self, batch: Batch) -> float:
+        """One optimizer step of the inner level on ``batch`` (D1, or all data for one level)."""
+        self.batches[Objective.INNER] = batch
+        self._run_pass(Objective.INNER)
+        if self.params[Level.OUTER]:
+            self._zero_grads(Level.OUTER)
+        self._close_cycle((Level.INNER,))
+        self.scheduler.step(Level.INNER)
+        return self.losses[Objective.INNER]
+
+    def outer_step(self, batch: Batch) -> float:
+        """One outer step on ``batch`` (D2) with the configured hypergradient. The inner-objective
+        passes of second-order methods use the last inner batch."""
+        self.batches[Objective.OUTER] = batch
+        hypergrad = HYPERGRADS[self.bilevel.hypergrad](self, self.bilevel)
+        # The last pass's cycle is still open: it carries the outer step.
+        self._zero_grads(Level.INNER)
+        for param, value in zip(self.params[Level.OUTER], hypergrad, strict=True):
+            set_grad(param, value)
+        self._close_cycle((Level.OUTER,))
+        self.scheduler.step(Level.OUTER)
+        return self.losses[Objective.OUTER]
+
+    def sharpness_step(self, batch: Batch) -> float:
+        """Bi-LoRA: one pass; the primary (inner) level descends, the auxiliary (outer) level
+        ascends (AdamW on the negated gradient), then the global clip to rho."""
+        self.batches[Objective.INNER] = batch
+        self._run_pass(Objective.INNER)
+        for param in self.params[Level.OUTER]:
+            set_grad(param, -full_grad(param))
+        self._close_cycle((Level.INNER, Level.OUTER))
+        self.scheduler.step(Level.INNER)
+        self.scheduler.step(Level.OUTER)
+        self.clip_auxiliary()
+        return self.losses[Objective.INNER]
+
+    def clip_auxiliary(self) -> float:
+        """c = sqrt(sum_j ||s B2_j A2_j||_F^2) over every auxiliary module, from the fp32 masters
+        (full on every rank, so c is the same everywhere); if c > rho, scale the masters and the
+        compute weights of every B2 and A2 by sqrt(rho / c)."""
+        layers = auxiliary_layers(self.module)
+        values = [(layer, master_value(layer.aux_A), master_value(layer.aux_B)) for layer in layers]
+        sq = sum(layer.scaling**2 * (b.T @ b * (a @ a.T)).sum() for layer, a, b in values)
+        norm = float(sq) ** 0.5
+        factor = clip_factor(norm, self.run.adapter.rho)
+        if factor != 1.0:
+            for layer, a, b in values:
+                set_master_value(layer.aux_A, a * factor)
+                set_master_value(layer.aux_B, b * factor)
+        return norm
+
+    def step(self, kind: str, batch: Batch) -> float:
+        return {"inner": self.inner_step, "outer": self.outer_step, "sharpness": self.sharpness_step}[kind](batch)

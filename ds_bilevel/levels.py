@@ -51,3 +51,18 @@ def regularizer(model: nn.Module, level: Level) -> torch.Tensor | None:
     """
     terms = [t for _, layer in adapter_layers(model) if (t := layer.regularizer(level)) is not None]
     return torch.stack([t.float() for t in terms]).mean() if terms else None
+
+
+def set_regularization(model: nn.Module, levels: tuple[Level, ...], accumulation_steps: int = 1) -> None:
+    """Make every adapter layer add its regularisers of ``levels`` to the loss's gradient
+    during its own forward/backward (see ``adapters.base._AttachRegularizer``).
+
+    Each layer's term is scaled by 1 / (layers x accumulation_steps): the layer runs once
+    per micro-batch, and the gradient must be that of ``regularizer(model, level)``, the
+    mean over layers, once per optimizer step. (DeepSpeed averages over ranks, where every
+    rank adds the same term.)
+    """
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.attached_levels = tuple(levels)
+        layer.attached_scale = 1.0 / (len(layers) * accumulation_steps)

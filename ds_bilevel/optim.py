@@ -11,20 +11,23 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from ds_bilevel.levels import Level
 
 
 class LevelStepMixin:
-    """``step`` moves only the param groups whose "level" is ``active_level``."""
+    """``step`` moves only the param groups whose "level" is in ``active_levels``.
 
-    active_level: str = Level.INNER.value
+    With no active level a step moves nothing: the engine uses that to close a DeepSpeed
+    accumulation cycle that only measured gradients.
+    """
+
+    active_levels: frozenset[str] = frozenset({Level.INNER.value})
 
     @torch.no_grad()
     def step(self, closure=None):
         all_groups = self.param_groups
-        self.param_groups = [g for g in all_groups if g["level"] == self.active_level]
+        self.param_groups = [g for g in all_groups if g["level"] in self.active_levels]
         try:
             return super().step(closure)
         finally:
@@ -68,6 +71,41 @@ def schedule_lambda(kind: str, total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_ratio: float) -> LambdaLR:
-    factor = schedule_lambda(kind, total_steps, int(warmup_ratio * total_steps))
-    return LambdaLR(optimizer, [factor] * len(optimizer.param_groups))
+class LevelScheduler:
+    """One learning-rate schedule per level, each advancing only on its own level's steps.
+
+    The engine steps it itself (it is not handed to DeepSpeed, whose scheduler would
+    advance on every accumulation boundary, including the gradient-only ones).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: dict[Level, int],
+                 warmup_ratio: float):
+        self.optimizer = optimizer
+        self.base_lr = {g["level"]: g["lr"] for g in optimizer.param_groups}
+        self.factors = {level.value: schedule_lambda(kind, max(total_steps[level], 1),
+                                                     int(warmup_ratio * total_steps[level]))
+                        for level in Level}
+        self.steps = {level.value: 0 for level in Level}
+        for level in self.base_lr:
+            self._apply(level)
+
+    def _apply(self, level: str) -> None:
+        for group in self.optimizer.param_groups:
+            if group["level"] == level:
+                group["lr"] = self.base_lr[level] * self.factors[level](self.steps[level])
+
+    def step(self, level: Level) -> None:
+        self.steps[level.value] += 1
+        if level.value in self.base_lr:
+            self._apply(level.value)
+
+    def get_lr(self, level: Level) -> float:
+        return next((g["lr"] for g in self.optimizer.param_groups if g["level"] == level.value), 0.0)
+
+    def state_dict(self) -> dict:
+        return {"steps": dict(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = dict(state["steps"])
+        for level in self.base_lr:
+            self._apply(level)

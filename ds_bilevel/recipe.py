@@ -18,11 +18,12 @@ from ds_bilevel.adapters import inject_adapters
 from ds_bilevel.adapters.base import gathered
 from ds_bilevel.adapters.inject import named_base_parameters
 from ds_bilevel.config import RunConfig, config_to_dict
-from ds_bilevel.data import GlobalBatchOrder, collate, load_records, tokenize
+from ds_bilevel.data import load_records, tokenize
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import load_model, load_tokenizer
+from ds_bilevel.schedule import BatchSource, events, split_d1_d2
 
 logger = logging.getLogger("ds_bilevel")
 
@@ -56,6 +57,40 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def prepare(run: RunConfig):
+    """(tokenizer, tokenised train set, tokenised eval set, adapted model): the same on every
+    rank and in the plain-PyTorch reference."""
+    torch.manual_seed(run.seed)
+    tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
+    train, evaluation = load_records(run.dataset, run.data, run.seed)
+    train_set, eval_set = tokenize(train, tokenizer, run.data), tokenize(evaluation, tokenizer, run.data)
+    model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code)
+    model.config.use_cache = False
+    if run.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    torch.manual_seed(run.seed)  # the same adapter init on every rank
+    inject_adapters(model, run.adapter)
+    return tokenizer, train_set, eval_set, model
+
+
+def batch_sources(run: RunConfig, mode: str, train_set, rank: int, world_size: int, pad_id: int,
+                  micro_batch: int | None = None) -> dict[str, BatchSource]:
+    """Where each kind of step takes its batches: D1 and D2 for bi-level methods, the whole
+    training set otherwise. ``micro_batch`` overrides the run's (the reference uses one
+    micro-batch per global batch)."""
+    global_batch = run.global_batch_size(world_size)
+
+    def source(indices: list[int], seed: int) -> BatchSource:
+        return BatchSource(train_set, indices, global_batch, micro_batch or run.micro_batch_size, rank, world_size,
+                           seed, pad_id)
+
+    everything = list(range(len(train_set)))
+    if mode != "bilevel":
+        return {"inner": source(everything, run.seed), "sharpness": source(everything, run.seed)}
+    d1, d2 = split_d1_d2(len(everything), run.bilevel.split_ratio, run.seed)
+    return {"inner": source(d1, run.seed), "outer": source(d2, run.seed + 1)}
+
+
 class TrainingRecipe:
     def __init__(self, run: RunConfig, ds_config: dict):
         self.run, self.ds_config = run, ds_config
@@ -69,41 +104,24 @@ class TrainingRecipe:
         deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         run = self.run
-        torch.manual_seed(run.seed)
         if self.rank != 0:
             import datasets
 
             datasets.disable_progress_bars()
-        self.tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
-        train, evaluation = load_records(run.dataset, run.data, run.seed)
-        self.train_set = tokenize(train, self.tokenizer, run.data)
-        self.eval_set = tokenize(evaluation, self.tokenizer, run.data)
-        model = load_model(run.model_name_or_path, len(self.tokenizer), run.seed, run.trust_remote_code)
-        model.config.use_cache = False
-        if run.gradient_checkpointing:
-            # Non-reentrant: works with a frozen base and under ZeRO-3 (DeepSpeed >= 0.19.3).
-            enable_activation_checkpointing(model)
-        torch.manual_seed(run.seed)  # the same adapter init on every rank
-        self.adapted = inject_adapters(model, run.adapter)
+        self.tokenizer, self.train_set, self.eval_set, model = prepare(run)
         self.engine = BilevelEngine(model, run, self.ds_config)
-        self.order = GlobalBatchOrder(len(self.train_set), run.global_batch_size(self.world_size), run.seed)
+        self.sources = batch_sources(run, self.engine.mode, self.train_set, self.rank, self.world_size,
+                                     self.tokenizer.pad_token_id)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(config_to_dict(run), indent=2))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             self.metrics_file = (self.output_dir / "metrics.jsonl").open("w")
+            if "outer" in self.sources:  # the D1/D2 split, for audits and resumes
+                split = {"d1": self.sources["inner"].indices, "d2": self.sources["outer"].indices}
+                (self.output_dir / "split.json").write_text(json.dumps(split))
 
     # ---- train -----------------------------------------------------------------------------
-    def _micro_batches(self, step: int) -> tuple[list[dict], int, int]:
-        """This rank's micro-batches of ``step``, and the global batch's (labelled, all) token counts."""
-        run, pad = self.run, self.tokenizer.pad_token_id
-        global_ids = self.order.global_indices(step)
-        labelled = sum(sum(1 for t in self.train_set[i]["labels"][1:] if t >= 0) for i in global_ids)
-        tokens = sum(len(self.train_set[i]["input_ids"]) for i in global_ids)
-        batches = [collate([self.train_set[i] for i in self.order.micro_indices(
-            step, k, self.rank, self.world_size, run.micro_batch_size)], pad)
-            for k in range(run.gradient_accumulation_steps)]
-        return batches, labelled, tokens
 
     def _log(self, row: dict) -> None:
         if self.rank == 0:
@@ -116,29 +134,34 @@ class TrainingRecipe:
         return metrics
 
     def train(self) -> dict:
-        import deepspeed.comm as dist
         from tqdm.auto import tqdm
 
         run = self.run
         before = self._evaluate(0)
-        progress = tqdm(total=run.max_steps, desc="train", disable=self.rank != 0, dynamic_ncols=True)
-        tokens_seen, start, losses = 0, time.perf_counter(), []
-        for step in range(run.max_steps):
-            batches, labelled, tokens = self._micro_batches(step)
-            local = torch.tensor([self.engine.train_step(batches, labelled)], dtype=torch.float64)
-            dist.all_reduce(local)
-            loss = local.item() / labelled
+        progress = tqdm(total=run.max_steps, desc=f"train {run.adapter.method}", disable=self.rank != 0,
+                        dynamic_ncols=True)
+        tokens_seen, start, losses, outer_loss = 0, time.perf_counter(), [], None
+        bilevel = run.bilevel
+        for kind, index in events(self.engine.mode, run.max_steps, bilevel.unroll_steps, bilevel.outer_steps):
+            batch = self.sources[kind].batch(index)
+            loss = self.engine.step(kind, batch)
+            tokens_seen += batch.tokens
+            if kind == "outer":
+                outer_loss = loss
+                continue
             losses.append(loss)
-            tokens_seen += tokens
+            step = index + 1
             elapsed = time.perf_counter() - start
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-            if (step + 1) % run.log_steps == 0 or step + 1 == run.max_steps:
-                lr = self.engine.scheduler.get_last_lr()[0]
-                self._log({"step": step + 1, "train_loss": loss, "lr": lr,
+            progress.set_postfix(loss=f"{loss:.3f}", **({"outer": f"{outer_loss:.3f}"} if outer_loss else {}),
+                                 tok_s=f"{tokens_seen / elapsed:.0f}")
+            if step % run.log_steps == 0 or step == run.max_steps:
+                self._log({"step": step, "train_loss": loss, "outer_loss": outer_loss,
+                           "lr": self.engine.scheduler.get_lr(Level.INNER),
+                           "outer_lr": self.engine.scheduler.get_lr(Level.OUTER),
                            "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed})
-            if run.eval_steps and (step + 1) % run.eval_steps == 0 and step + 1 < run.max_steps:
-                self._evaluate(step + 1)
+            if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
+                self._evaluate(step)
         progress.close()
         train_time = time.perf_counter() - start
         after = self._evaluate(run.max_steps)

@@ -11,7 +11,7 @@ def test_step_moves_only_the_active_level():
                                 weight_decay={Level.INNER: 0.5, Level.OUTER: 0.5})
     optimizer = LevelAdamW(groups)
     (inner.sum() + outer.sum()).backward()
-    optimizer.active_level = Level.INNER.value
+    optimizer.active_levels = {Level.INNER.value}
     optimizer.step()
     assert torch.equal(outer, torch.ones(2))  # neither the gradient nor the weight decay touched it
     assert outer not in optimizer.state or not optimizer.state[outer]  # no Adam moments either
@@ -21,7 +21,7 @@ def test_step_moves_only_the_active_level():
     torch.optim.AdamW([reference], lr=0.1, weight_decay=0.5).step()
     assert torch.equal(inner, reference)  # the active level is plain AdamW
     moved_inner = inner.detach().clone()
-    optimizer.active_level = Level.OUTER.value
+    optimizer.active_levels = {Level.OUTER.value}
     optimizer.step()
     assert torch.equal(inner, moved_inner) and not torch.equal(outer, torch.ones(2))
     assert len(optimizer.param_groups) == 2  # the filter is undone after each step

@@ -36,12 +36,35 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
         yield
 
 
+class _AttachRegularizer(torch.autograd.Function):
+    """Identity on the layer output whose backward also sends d(total)/d(reg) = 1 into ``reg``.
+
+    It ties a regulariser's backward to the backward of the layer that computed it, so
+    under ZeRO-3 it runs while the layer's parameters are gathered (the pattern of
+    Megatron's MoE auxiliary-loss scaler). The regulariser then needs no gather of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+        ctx.reg_shape = reg.shape
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, grad_output.new_ones(ctx.reg_shape, dtype=torch.float32)
+
+
 class AdapterLayer(nn.Module):
     """A frozen ``base_layer`` plus trainable adapter parameters split into two levels.
 
-    Subclasses implement ``forward``, ``merged_weight`` and ``_level_names`` and may
-    override ``regularizer``. The base weight is frozen here, once.
+    Subclasses implement ``adapted_forward``, ``merged_weight`` and ``_level_names`` and
+    may override ``regularizer``. The base weight is frozen here, once. ``training_mode``
+    tells the engine how the levels are trained: "one_level" (both... only inner exists),
+    "bilevel" (inner on D1, outer on D2 with a hypergradient) or "sharpness" (inner
+    descends, outer ascends, in one pass).
     """
+
+    training_mode = "one_level"
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -54,6 +77,21 @@ class AdapterLayer(nn.Module):
         # Dropout hits the adapter path only (the released BiDoRA code also dropped
         # the frozen path, which changes the pretrained function).
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Set by ``set_regularization``: which levels' regularisers the forward attaches to
+        # its output, and the factor each gets (1 / (layers x accumulation steps)).
+        self.attached_levels: tuple[Level, ...] = ()
+        self.attached_scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.adapted_forward(x)
+        if self.attached_levels and torch.is_grad_enabled():
+            terms = [t for level in self.attached_levels if (t := self.regularizer(level)) is not None]
+            if terms:
+                out = _AttachRegularizer.apply(out, torch.stack(terms).sum() * self.attached_scale)
+        return out
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @classmethod
     def rank_fields(cls, config) -> dict[str, int]:

@@ -23,6 +23,8 @@ from ds_bilevel.levels import Level
 class BiDoraLayer(DoraLayer):
     """Direction (lora_A, lora_B) inner; magnitude outer."""
 
+    training_mode = "bilevel"
+
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  detach_norm: bool = True, direction_orth_weight: float = 0.0):
         super().__init__(base_layer, rank, alpha, dropout, detach_norm)

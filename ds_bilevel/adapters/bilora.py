@@ -26,6 +26,8 @@ from ds_bilevel.levels import Level
 class BiLoraLayer(AdapterLayer):
     """P, Q inner; the raw pseudo singular values ``lambda_raw`` outer."""
 
+    training_mode = "bilevel"
+
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  lambda_param: str = "softmax", orth_reg_weight: float = 0.1,
                  binary_reg_weight: float = 0.1):
@@ -61,7 +63,7 @@ class BiLoraLayer(AdapterLayer):
             return torch.softmax(raw.float(), dim=0).to(raw.dtype)
         return torch.sigmoid(raw.float()).to(raw.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         # s * P diag(lambda) Q x without forming the (out, in) product: (..., in) -> (..., r) -> (..., out).
         h = F.linear(self.dropout(x), self.lora_Q) * self.lambdas()
         return self.base_layer(x) + F.linear(h, self.lora_P) * self.scaling

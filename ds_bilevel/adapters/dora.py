@@ -43,7 +43,7 @@ class DoraLayer(LoraLayer):
         norm = weight.norm(p=2, dim=1)
         return norm.detach() if self.detach_norm else norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.direction_row_norm()  # (out,)
         w0, bias = self.base_layer.weight, self.base_layer.bias
         if isinstance(self.dropout, nn.Identity):

@@ -33,7 +33,7 @@ class LoraLayer(AdapterLayer):
         """s B A x for (already dropped-out) activations (..., in) -> (..., out), never forming B A."""
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.low_rank(self.dropout(x))
 
     def delta_weight(self) -> torch.Tensor:

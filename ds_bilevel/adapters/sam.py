@@ -29,6 +29,8 @@ from ds_bilevel.levels import Level
 class BiLoraSamLayer(LoraLayer):
     """Primary (lora_A, lora_B) inner; auxiliary (aux_A, aux_B) outer."""
 
+    training_mode = "sharpness"
+
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  aux_rank: int = 8):
         super().__init__(base_layer, rank, alpha, dropout)
@@ -56,7 +58,7 @@ class BiLoraSamLayer(LoraLayer):
         """s B2 A2 x for (already dropped-out) activations, never forming B2 A2."""
         return F.linear(F.linear(x, self.aux_A), self.aux_B) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         x_drop = self.dropout(x)  # one mask for both modules: they perturb the same weight
         return self.base_layer(x) + self.low_rank(x_drop) + self.auxiliary(x_drop)
 

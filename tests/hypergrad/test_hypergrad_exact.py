@@ -131,7 +131,7 @@ def test_neumann_approaches_exact_with_more_terms(setup):
         h, passes = run("neumann", setup, neumann_terms=terms, neumann_alpha=alpha, hypergrad_eps=1e-4)
         errors.append(relative_error(h, exact))
         assert passes == 2 * terms + 3
-    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
     assert errors[-1] < 1e-6
 
 

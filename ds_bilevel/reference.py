@@ -1,0 +1,130 @@
+"""A plain-PyTorch, one-process implementation of the same training loop: the tests' ground truth.
+
+No DeepSpeed: the model is an ordinary fp32 module, each global batch is one forward, the
+gradients come from autograd, and the regularisers are added explicitly
+(``levels.regularizer``) rather than attached in the layers' forward. The schedule, the
+data order, the optimizer maths (AdamW), the learning-rate schedule, the gradient clipping
+and the hypergradient methods are the shared ones, so a DeepSpeed run at any stage and
+world size must end where this does (to float rounding, in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
+from ds_bilevel.config import RunConfig
+from ds_bilevel.engine import OBJECTIVE_LEVEL, token_loss_sum, training_mode
+from ds_bilevel.hypergrad import HYPERGRADS, Objective
+from ds_bilevel.levels import Level, level_parameters, regularizer
+from ds_bilevel.optim import LevelAdamW, LevelScheduler, build_param_groups
+from ds_bilevel.schedule import Batch, outer_step_count
+
+
+class ReferenceBilevel:
+    """The same step API as ``BilevelEngine`` (inner_step, outer_step, sharpness_step, step)."""
+
+    def __init__(self, model: torch.nn.Module, run: RunConfig):
+        self.model, self.run, self.bilevel = model, run, run.bilevel
+        self.mode = training_mode(model)
+        self.params = {level: level_parameters(model, level) for level in Level}
+        lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
+        wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
+        self.optimizer = LevelAdamW(build_param_groups(self.params, lr, wd))
+        total = {Level.INNER: run.max_steps, Level.OUTER: outer_step_count(
+            self.mode, run.max_steps, self.bilevel.unroll_steps, self.bilevel.outer_steps)}
+        self.scheduler = LevelScheduler(self.optimizer, run.lr_scheduler, total, run.warmup_ratio)
+        self.batches: dict[Objective, Batch] = {}
+        self.losses: dict[Objective, float] = {}
+        self._masters: list[torch.Tensor] | None = None
+
+    # ---- hypergrad.BilevelProblem ----------------------------------------------------------
+    def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        (batch,), tokens = self.batches[objective].micro_batches, self.batches[objective].labelled_tokens
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        data_loss = token_loss_sum(logits, batch["labels"]) / tokens
+        reg = regularizer(self.model, OBJECTIVE_LEVEL[objective])
+        (data_loss if reg is None else data_loss + reg).backward()
+        self.losses[objective] = data_loss.item()
+        grads = {level: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params[level]]
+                 for level in Level}
+        self.model.zero_grad(set_to_none=True)
+        return grads[Level.INNER], grads[Level.OUTER]
+
+    @torch.no_grad()
+    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0) -> None:
+        if self._masters is None:
+            self._masters = [p.detach().clone() for p in self.params[Level.INNER]]
+        values = self._masters if direction is None else [
+            master + scale * d for master, d in zip(self._masters, direction, strict=True)]
+        for param, value in zip(self.params[Level.INNER], values, strict=True):
+            param.copy_(value)
+        if direction is None:
+            self._masters = None
+
+    def inner_learning_rate(self) -> float:
+        return self.scheduler.get_lr(Level.INNER)
+
+    # ---- steps (mirroring BilevelEngine) -----------------------------------------------------
+    def _apply(self, grads: dict[Level, list[torch.Tensor]]) -> None:
+        """Set the gradients of the stepping levels, clip their joint norm (as DeepSpeed's
+        gradient_clipping does), step those levels only."""
+        params = [p for level in grads for p in self.params[level]]
+        for param, grad in zip(params, [g for level in grads for g in grads[level]], strict=True):
+            param.grad = grad
+        if self.run.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.run.max_grad_norm)
+        self.optimizer.active_levels = frozenset(level.value for level in grads)
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+        for level in grads:
+            self.scheduler.step(level)
+
+    def inner_step(self, batch: Batch) -> float:
+        self.batches[Objective.INNER] = batch
+        inner, _ = self.gradients(Objective.INNER)
+        self._apply({Level.INNER: inner})
+        return self.losses[Objective.INNER]
+
+    def outer_step(self, batch: Batch) -> float:
+        self.batches[Objective.OUTER] = batch
+        hypergrad = HYPERGRADS[self.bilevel.hypergrad](self, self.bilevel)
+        self._apply({Level.OUTER: hypergrad})
+        return self.losses[Objective.OUTER]
+
+    def sharpness_step(self, batch: Batch) -> float:
+        self.batches[Objective.INNER] = batch
+        inner, outer = self.gradients(Objective.INNER)
+        self._apply({Level.INNER: inner, Level.OUTER: [-g for g in outer]})
+        with torch.no_grad():
+            layers = auxiliary_layers(self.model)
+            norm = float(sum(layer.auxiliary_sq_norm() for layer in layers)) ** 0.5
+            factor = clip_factor(norm, self.run.adapter.rho)
+            if factor != 1.0:
+                for layer in layers:
+                    layer.aux_A.mul_(factor)
+                    layer.aux_B.mul_(factor)
+        return self.losses[Objective.INNER]
+
+    def step(self, kind: str, batch: Batch) -> float:
+        return {"inner": self.inner_step, "outer": self.outer_step, "sharpness": self.sharpness_step}[kind](batch)
+
+
+def run_reference(run: RunConfig, global_batch: int) -> dict[str, torch.Tensor]:
+    """Train as ``launch/train.py`` would with a global batch of ``global_batch`` examples,
+    in one process without DeepSpeed; returns the adapters by qualified name (fp32)."""
+    import dataclasses
+
+    from ds_bilevel.levels import named_level_parameters
+    from ds_bilevel.recipe import batch_sources, prepare
+    from ds_bilevel.schedule import events
+
+    run = dataclasses.replace(run, micro_batch_size=global_batch, gradient_accumulation_steps=1)
+    tokenizer, train_set, _, model = prepare(run)
+    reference = ReferenceBilevel(model, run)
+    sources = batch_sources(run, reference.mode, train_set, 0, 1, tokenizer.pad_token_id)
+    for kind, index in events(reference.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps):
+        reference.step(kind, sources[kind].batch(index))
+    return {name: p.detach().clone() for level in Level for name, p in named_level_parameters(model, level)}

@@ -1,0 +1,83 @@
+"""The training schedule shared by the DeepSpeed engine and the plain-PyTorch reference.
+
+One place says which step runs when and on which data, so the engine and its reference
+cannot drift apart:
+
+- one_level (LoRA, DoRA): every step trains the inner level on the whole training set;
+- sharpness (Bi-LoRA): every step runs one pass on the whole training set, the inner
+  level descends and the outer (auxiliary) level ascends;
+- bilevel (BiLoRA, BiDoRA): T1 = unroll_steps inner steps on D1, then T2 = outer_steps
+  outer steps on D2 with a hypergradient.
+
+``max_steps`` counts inner steps. The D1/D2 split is a seeded permutation of the training
+set: the first ``split_ratio`` share is D1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ds_bilevel.data import GlobalBatchOrder, collate
+
+
+def split_d1_d2(num_examples: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + 17)).tolist()
+    cut = int(round(ratio * num_examples))
+    if cut < 1 or cut >= num_examples:
+        raise ValueError(f"bilevel.split_ratio: {ratio} leaves D1 or D2 empty with {num_examples} examples")
+    return sorted(order[:cut]), sorted(order[cut:])
+
+
+def events(mode: str, max_steps: int, unroll_steps: int = 1, outer_steps: int = 1) -> Iterator[tuple[str, int]]:
+    """("inner" | "sharpness" | "outer", index of that kind of step), in order."""
+    outer = 0
+    for step in range(max_steps):
+        yield ("sharpness" if mode == "sharpness" else "inner"), step
+        if mode == "bilevel" and (step + 1) % unroll_steps == 0:
+            for _ in range(outer_steps):
+                yield "outer", outer
+                outer += 1
+
+
+def outer_step_count(mode: str, max_steps: int, unroll_steps: int, outer_steps: int) -> int:
+    if mode == "sharpness":
+        return max_steps
+    return (max_steps // unroll_steps) * outer_steps if mode == "bilevel" else 0
+
+
+@dataclass
+class Batch:
+    micro_batches: list[dict[str, torch.Tensor]]
+    """This rank's micro-batches of one global batch."""
+    labelled_tokens: int
+    """Response tokens in the whole global batch (the loss is their mean)."""
+    tokens: int
+    """All tokens of the whole global batch (for throughput)."""
+
+
+class BatchSource:
+    """Global batches of a subset of the tokenised training set, split for one rank.
+
+    Every rank builds the same order (GlobalBatchOrder) and counts the global batch's tokens
+    from it, so no communication is needed to normalise the loss.
+    """
+
+    def __init__(self, dataset, indices: list[int], global_batch: int, micro_batch: int, rank: int,
+                 world_size: int, seed: int, pad_id: int):
+        self.dataset, self.indices, self.pad_id = dataset, indices, pad_id
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.accumulation = global_batch // (micro_batch * world_size)
+        self.order = GlobalBatchOrder(len(indices), global_batch, seed)
+        labels = dataset["labels"]
+        self.labelled = [sum(1 for t in labels[i][1:] if t >= 0) for i in indices]
+        self.lengths = [len(labels[i]) for i in indices]
+
+    def batch(self, step: int) -> Batch:
+        global_ids = self.order.global_indices(step)
+        micro = [collate([self.dataset[self.indices[i]] for i in self.order.micro_indices(
+            step, k, self.rank, self.world_size, self.micro_batch)], self.pad_id)
+            for k in range(self.accumulation)]
+        return Batch(micro, sum(self.labelled[i] for i in global_ids), sum(self.lengths[i] for i in global_ids))

@@ -1,0 +1,66 @@
+"""Read and write trained parameters and their gradients at any ZeRO stage, between backward and step.
+
+Everything goes through DeepSpeed's supported accessors (``deepspeed.utils.safe_*``) where
+they exist. Full tensors are returned on every rank; the reads are collectives under ZeRO,
+so every rank must call them for the same parameters in the same order.
+
+Two copies of a trained parameter exist under mixed precision: the fp32 *master* held by
+the optimizer and the *compute* weight (bf16) the forward uses. Perturbing the compute
+weight from the master and restoring it from the master leaves the master untouched, so a
+restore is exact at every stage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def master_value(param: nn.Parameter) -> torch.Tensor:
+    """The full fp32 master value (the parameter itself when there is no separate master)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(param)
+    return (value if value is not None else param.detach()).float().clone()
+
+
+def set_master_value(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Set the fp32 master and the compute weight to ``value``."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        safe_set_full_fp32_param(param, value)
+    write_compute_weight(param, value)
+
+
+@torch.no_grad()
+def write_compute_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write ``value`` (full, fp32) into the weight the forward uses, cast to its dtype.
+
+    Under ZeRO-3 that is this rank's partition ``param.ds_tensor`` (the last one padded).
+    """
+    if hasattr(param, "ds_id"):
+        import deepspeed.comm as dist
+
+        part = param.ds_tensor
+        start = dist.get_rank(group=param.ds_process_group) * part.numel()
+        chunk = value.flatten()[start:start + part.numel()]
+        part[:chunk.numel()].copy_(chunk)
+    else:
+        param.data.copy_(value.view_as(param))
+
+
+def full_grad(param: nn.Parameter) -> torch.Tensor:
+    """The full gradient reduced over ranks, fp32 (zeros when none was produced)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grad = safe_get_full_grad(param)
+    shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
+    return torch.zeros(shape, device=param.device) if grad is None else grad.float().reshape(shape).clone()
+
+
+def set_grad(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Replace the (reduced) gradient the next optimizer step will use."""
+    from deepspeed.utils import safe_set_full_grad
+
+    safe_set_full_grad(param, value.to(torch.float32))
