@@ -110,6 +110,7 @@ class TrainingRecipe:
             datasets.disable_progress_bars()
         self.tokenizer, self.train_set, self.eval_set, model = prepare(run)
         self.engine = BilevelEngine(model, run, self.ds_config)
+        self.initial = self._level_values()
         self.sources = batch_sources(run, self.engine.mode, self.train_set, self.rank, self.world_size,
                                      self.tokenizer.pad_token_id)
         if self.rank == 0:
@@ -171,14 +172,31 @@ class TrainingRecipe:
                 "tokens_per_s": tokens_seen / train_time, "train_time_s": train_time,
                 "steps": run.max_steps, "world_size": self.world_size}
 
+    def _level_values(self) -> dict[Level, dict[str, torch.Tensor]]:
+        """The fp32 master value of every adapter parameter, by level (collective)."""
+        module = self.engine.module
+        return {level: {name: fp32_value(p) for name, p in named_level_parameters(module, level)} for level in Level}
+
+    @staticmethod
+    def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+        if not before:
+            return 0.0
+        start = torch.cat([t.flatten() for t in before.values()])
+        end = torch.cat([after[name].flatten() for name in before])
+        return ((end - start).norm() / start.norm().clamp_min(1e-12)).item()
+
     # ---- save ------------------------------------------------------------------------------
     def save(self, summary: dict) -> dict:
         """Write the adapters (fp32 masters, safetensors) and the summary. Collective."""
         from safetensors.torch import save_file
 
         module = self.engine.module
-        tensors = {name: fp32_value(p) for level in Level for name, p in named_level_parameters(module, level)}
-        levels = {name: level.value for level in Level for name, _ in named_level_parameters(module, level)}
+        final = self._level_values()
+        tensors = {name: value for values in final.values() for name, value in values.items()}
+        levels = {name: level.value for level, values in final.items() for name in values}
+        # How far each level moved: a frozen outer level (the bf16 magnitude stall) shows as 0.
+        summary["relative_change"] = {level.value: self.relative_change(self.initial[level], final[level])
+                                      for level in Level}
         if self.run.checksum_base:
             summary["base_sha256"] = base_checksum(module)
         if self.rank == 0:

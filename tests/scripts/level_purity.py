@@ -1,0 +1,56 @@
+"""Run under the deepspeed launcher: step a real TrainingRecipe by hand and record, after every
+step, which levels' fp32 master weights changed (bitwise), and the frozen base's checksum
+at the end. Writes OUT (json) on rank 0."""
+
+import json
+import sys
+
+import deepspeed
+import torch
+
+from ds_bilevel.config import config_from_flat
+from ds_bilevel.ds_config import fill_ds_config
+from ds_bilevel.levels import Level
+from ds_bilevel.recipe import TrainingRecipe, base_checksum
+from ds_bilevel.schedule import events
+
+CASES = {
+    "bidora-darts-zero3-bf16": ({"adapter.method": "bidora", "bilevel.hypergrad": "darts"}, 3, True),
+    "bilora-neumann-zero2-fp32": ({"adapter.method": "bilora", "bilevel.hypergrad": "neumann",
+                                   "bilevel.unroll_steps": 2}, 2, False),
+    "bilora-cg-zero1-bf16": ({"adapter.method": "bilora", "bilevel.hypergrad": "cg"}, 1, True),
+    "bilora_sam-zero3-fp32": ({"adapter.method": "bilora_sam"}, 3, False),
+}
+
+
+def main(out_path: str) -> None:
+    deepspeed.init_distributed()
+    results = {}
+    for name, (case, stage, bf16) in CASES.items():
+        run = config_from_flat({"model_name_or_path": "builtin:micro-llama", "data.train_size": 64,
+                                "data.eval_size": 8, "max_steps": 4, "micro_batch_size": 2,
+                                "learning_rate": 1e-2, "warmup_ratio": 0.0, "output_dir": f"/tmp/unused-{name}",
+                                "adapter.rank": 4, **case})
+        ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": bf16},
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+        recipe = TrainingRecipe(run, fill_ds_config(ds, run, torch.distributed.get_world_size()))
+        recipe.setup()
+        previous, steps = recipe._level_values(), []
+        for kind, index in events(recipe.engine.mode, run.max_steps, run.bilevel.unroll_steps,
+                                  run.bilevel.outer_steps):
+            loss = recipe.engine.step(kind, recipe.sources[kind].batch(index))
+            current = recipe._level_values()
+            changed = {level.value: any(not torch.equal(current[level][n], previous[level][n])
+                                        for n in current[level]) for level in Level}
+            steps.append({"kind": kind, "loss": loss, **changed})
+            previous = current
+        results[name] = {"steps": steps, "base_sha256": base_checksum(recipe.engine.module),
+                         "dtype": "bfloat16" if bf16 else "float32", "method": case["adapter.method"]}
+    if torch.distributed.get_rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[-1])
