@@ -18,8 +18,16 @@ import torch.nn.functional as F
 
 from ds_bilevel.hypergrad import HYPERGRADS, BilevelConfig, Objective
 
-torch.set_default_dtype(torch.float64)
 N_INNER, N_OUTER = 6, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float64():
+    """The whole module in float64 (restored afterwards: other tests run in float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class FunctionalProblem:
@@ -79,7 +87,7 @@ def exact_terms(inner_loss, outer_loss, w, lam):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(float64):
     inner_loss, outer_loss, w, lam = make_problem()
     grad_lam_val, grad_w_val, hessian, mixed = exact_terms(inner_loss, outer_loss, w, lam)
     exact = grad_lam_val - mixed @ torch.linalg.solve(hessian, grad_w_val)
