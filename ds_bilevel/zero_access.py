@@ -40,12 +40,7 @@ def write_compute_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     Under ZeRO-3 that is this rank's partition ``param.ds_tensor`` (the last one padded).
     """
     if hasattr(param, "ds_id"):
-        import deepspeed.comm as dist
-
-        part = param.ds_tensor
-        start = dist.get_rank(group=param.ds_process_group) * part.numel()
-        chunk = value.flatten()[start:start + part.numel()]
-        part[:chunk.numel()].copy_(chunk)
+        param.ds_tensor.copy_(local_partition(param, value).to(param.ds_tensor.device))
     else:
         param.data.copy_(value.view_as(param))
 
@@ -60,7 +55,26 @@ def full_grad(param: nn.Parameter) -> torch.Tensor:
 
 
 def set_grad(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Replace the (reduced) gradient the next optimizer step will use."""
-    from deepspeed.utils import safe_set_full_grad
+    """Replace the (reduced) gradient the next optimizer step will use.
 
-    safe_set_full_grad(param, value.to(torch.float32))
+    Under ZeRO-3 through the *local* setter with this rank's partition: with optimizer
+    offload, DeepSpeed computes the clipping norm from per-partition norms recorded during
+    backward, and only the local setter records the new value's norm (DeepSpeed 0.19.8).
+    """
+    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+    value = value.to(torch.float32)
+    if hasattr(param, "ds_id"):
+        safe_set_local_grad(param, local_partition(param, value))
+    else:
+        safe_set_full_grad(param, value)
+
+
+def local_partition(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full tensor: flat, zero-padded like ``param.ds_tensor``."""
+    import deepspeed.comm as dist
+
+    size = param.ds_tensor.numel()
+    start = dist.get_rank(group=param.ds_process_group) * size
+    flat = value.flatten()[start:start + size]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())]) if flat.numel() < size else flat

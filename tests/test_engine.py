@@ -21,7 +21,7 @@ from ds_bilevel.recipe import base_checksum, prepare
 from ds_bilevel.reference import run_reference
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
-from invariance import CASES, GLOBAL_BATCH, SHARED  # noqa: E402
+from invariance import CASES, GLOBAL_BATCH, SHARED, STAGES  # noqa: E402
 
 pytestmark = pytest.mark.launcher
 
@@ -67,14 +67,18 @@ def test_references_are_not_trivial(references):
 
 @pytest.mark.parametrize("num_ranks", [1, 2])
 def test_every_stage_and_world_size_matches_the_reference(tmp_path, references, num_ranks):
-    """fp32, global batch 8: ZeRO 0/1/2/3 on 1 and 2 ranks end where the one-process reference ends."""
+    """fp32, global batch 8: ZeRO 0/1/2/3 (and 3 with CPU offload) on 1 and 2 ranks end where the
+    one-process reference ends."""
     run_script("invariance.py", tmp_path, num_ranks)
     for name, (expected, _) in references.items():
-        for stage in (0, 1, 2, 3):
-            got = load_file(tmp_path / name / f"stage{stage}" / "adapter_model.safetensors")
+        for stage in STAGES:
+            got = load_file(tmp_path / name / stage / "adapter_model.safetensors")
             assert set(got) == set(expected)
             error = ((flat(got, expected) - flat(expected, expected)).norm() / flat(expected, expected).norm()).item()
-            assert error < 1e-5, (name, stage, num_ranks, error)
+            # neumann and cg chain several central differences (each divides float rounding of a
+            # gradient by its 0.01 step) and, for cg, divisions by measured curvatures: 1e-4 there.
+            tolerance = 1e-4 if ("neumann" in name or "cg" in name) else 1e-5
+            assert error < tolerance, (name, stage, num_ranks, error)
 
 
 def test_level_purity_and_frozen_base(tmp_path):

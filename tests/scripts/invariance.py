@@ -1,6 +1,7 @@
 """Run under the deepspeed launcher: train every (method, hypergradient) case at every ZeRO
-stage in fp32 through the real TrainingRecipe, one run after another in this process group,
-and save each run's adapters under OUT/<case>/stage<k>/. The test compares them with the
+stage (and ZeRO-3 with CPU offload of optimizer and parameters) in fp32 through the real
+TrainingRecipe, one run after another in this process group, and save each run's adapters
+under OUT/<case>/<stage>/. The test compares them with the
 plain-PyTorch reference (ds_bilevel.reference.run_reference)."""
 
 import json
@@ -17,8 +18,15 @@ CASES = {  # name -> settings; shared settings below
     "bidora-first_order": {"adapter.method": "bidora", "bilevel.hypergrad": "first_order"},
     "bidora-darts": {"adapter.method": "bidora", "bilevel.hypergrad": "darts",
                      "adapter.direction_orth_weight": 0.01},
+    "bilora-neumann": {"adapter.method": "bilora", "bilevel.hypergrad": "neumann", "bilevel.neumann_terms": 2},
+    "bidora-cg": {"adapter.method": "bidora", "bilevel.hypergrad": "cg", "bilevel.cg_steps": 2,
+                  "bilevel.unroll_steps": 2},
     "bilora_sam": {"adapter.method": "bilora_sam", "adapter.rho": 0.02},
 }
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+STAGES = {"stage0": {"stage": 0}, "stage1": {"stage": 1}, "stage2": {"stage": 2},
+          "stage3": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "stage3_offload": {"stage": 3, "stage3_param_persistence_threshold": 0, **OFFLOAD}}
 SHARED = {"model_name_or_path": "builtin:micro-llama", "data.train_size": 96, "data.eval_size": 8,
           "max_steps": 3, "learning_rate": 5e-3, "warmup_ratio": 0.0, "adapter.rank": 4, "adapter.aux_rank": 2,
           "gradient_accumulation_steps": 2, "eval_batch_size": 8, "log_steps": 1}
@@ -27,13 +35,13 @@ GLOBAL_BATCH = 8
 
 def main(out: Path, world_size: int) -> None:
     for name, case in CASES.items():
-        for stage in (0, 1, 2, 3):
+        for stage, zero in STAGES.items():
             settings = {**SHARED, **case, "micro_batch_size": GLOBAL_BATCH // (2 * world_size),
-                        "output_dir": str(out / name / f"stage{stage}")}
+                        "output_dir": str(out / name / stage)}
             run = config_from_flat(settings)
             ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
-                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+                  "zero_optimization": zero}
             recipe = TrainingRecipe(run, fill_ds_config(ds, run, world_size))
             recipe.setup()
             recipe.save(recipe.train())
