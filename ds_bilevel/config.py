@@ -64,6 +64,12 @@ class RunConfig:
     """Allow writing into an output_dir that already holds a run."""
     trust_remote_code: bool = False
     """Passed to transformers when loading a model folder; off unless you trust the folder."""
+    save_steps: int = 0
+    """Save a DeepSpeed checkpoint (both levels, optimizers, schedules, data position, RNG)
+    every N inner steps into output_dir/checkpoints (0: none)."""
+    resume_from_checkpoint: str = ""
+    """"latest" (output_dir/checkpoints) or a checkpoint folder to resume from; the run then
+    ends exactly where an uninterrupted one would."""
     checksum_base: bool = False
     """Write a sha256 of the frozen base weights into summary.json (proves they never moved)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -85,8 +91,9 @@ class RunConfig:
                 raise ValueError(f"{name}: {value!r} must be an integer >= 1")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: {self.learning_rate!r} must be > 0")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.eval_steps < 0:
-            raise ValueError("weight_decay, max_grad_norm and eval_steps must be >= 0")
+        for name in ("weight_decay", "max_grad_norm", "eval_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ds_bilevel import checkpoint
 from ds_bilevel.adapters import inject_adapters
 from ds_bilevel.adapters.base import gathered
 from ds_bilevel.adapters.inject import named_base_parameters
@@ -117,7 +118,7 @@ class TrainingRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(config_to_dict(run), indent=2))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            self.metrics_file = (self.output_dir / "metrics.jsonl").open("w")
+            self.metrics_file = (self.output_dir / "metrics.jsonl").open("a" if run.resume_from_checkpoint else "w")
             if "outer" in self.sources:  # the D1/D2 split, for audits and resumes
                 split = {"d1": self.sources["inner"].indices, "d2": self.sources["outer"].indices}
                 (self.output_dir / "split.json").write_text(json.dumps(split))
@@ -137,40 +138,64 @@ class TrainingRecipe:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
-        run = self.run
-        before = self._evaluate(0)
-        progress = tqdm(total=run.max_steps, desc=f"train {run.adapter.method}", disable=self.rank != 0,
-                        dynamic_ncols=True)
-        tokens_seen, start, losses, outer_loss = 0, time.perf_counter(), [], None
-        bilevel = run.bilevel
-        for kind, index in events(self.engine.mode, run.max_steps, bilevel.unroll_steps, bilevel.outer_steps):
+        run, bilevel = self.run, self.run.bilevel
+        schedule = list(events(self.engine.mode, run.max_steps, bilevel.unroll_steps, bilevel.outer_steps))
+        state = self._resume() if run.resume_from_checkpoint else {
+            "position": 0, "inner_done": 0, "before": self._evaluate(0), "first_loss": None, "outer_loss": None}
+        progress = tqdm(total=run.max_steps, initial=state["inner_done"], desc=f"train {run.adapter.method}",
+                        disable=self.rank != 0, dynamic_ncols=True)
+        tokens_seen, start, loss = 0, time.perf_counter(), None
+        for position in range(state["position"], len(schedule)):
+            kind, index = schedule[position]
             batch = self.sources[kind].batch(index)
-            loss = self.engine.step(kind, batch)
+            step_loss = self.engine.step(kind, batch)
             tokens_seen += batch.tokens
             if kind == "outer":
-                outer_loss = loss
-                continue
-            losses.append(loss)
-            step = index + 1
+                state["outer_loss"] = step_loss
+            else:
+                loss, state["inner_done"] = step_loss, index + 1
+                state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else loss
+                progress.update(1)
+            if position + 1 < len(schedule) and schedule[position + 1][0] == "outer":
+                continue  # an inner step and its outer steps form one unit: log and save after both
             elapsed = time.perf_counter() - start
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", **({"outer": f"{outer_loss:.3f}"} if outer_loss else {}),
-                                 tok_s=f"{tokens_seen / elapsed:.0f}")
+            step = state["inner_done"]
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}",
+                                 **({"outer": f"{state['outer_loss']:.3f}"} if state["outer_loss"] else {}))
             if step % run.log_steps == 0 or step == run.max_steps:
-                self._log({"step": step, "train_loss": loss, "outer_loss": outer_loss,
+                self._log({"step": step, "train_loss": loss, "outer_loss": state["outer_loss"],
                            "lr": self.engine.scheduler.get_lr(Level.INNER),
                            "outer_lr": self.engine.scheduler.get_lr(Level.OUTER),
                            "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed})
             if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
                 self._evaluate(step)
+            if run.save_steps and step % run.save_steps == 0 and step < run.max_steps:
+                self._save_checkpoint({**state, "position": position + 1})
         progress.close()
         train_time = time.perf_counter() - start
         after = self._evaluate(run.max_steps)
+        before = state["before"]
         return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                 "exact_match_before": before["eval_exact_match"], "exact_match_after": after["eval_exact_match"],
-                "train_loss_first": losses[0], "train_loss_last": losses[-1],
+                "train_loss_first": state["first_loss"], "train_loss_last": loss,
                 "tokens_per_s": tokens_seen / train_time, "train_time_s": train_time,
                 "steps": run.max_steps, "world_size": self.world_size}
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save_checkpoint(self, state: dict) -> None:
+        """DeepSpeed's checkpoint (collective) with the schedule position, schedules and RNG."""
+        client = {**state, "scheduler": self.engine.scheduler.state_dict(), "rng": checkpoint.rng_state()}
+        self.engine.engine.save_checkpoint(str(self.output_dir / checkpoint.CHECKPOINT_DIR),
+                                           tag=checkpoint.tag(state["inner_done"]), client_state={"ds_bilevel": client},
+                                           exclude_frozen_parameters=True)
+
+    def _resume(self) -> dict:
+        load_dir, tag = checkpoint.resolve(self.run.resume_from_checkpoint, self.output_dir)
+        _, client = self.engine.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False)
+        state = client["ds_bilevel"]
+        self.engine.scheduler.load_state_dict(state.pop("scheduler"))
+        checkpoint.set_rng_state(state.pop("rng"))
+        return state
 
     def _level_values(self) -> dict[Level, dict[str, torch.Tensor]]:
         """The fp32 master value of every adapter parameter, by level (collective)."""

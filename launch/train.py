@@ -31,8 +31,13 @@ def check_output_dir(run: RunConfig) -> None:
     out = Path(run.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not run.overwrite_output_dir:
-        raise ValueError(f"output_dir: {out} is not empty; choose another or pass --overwrite_output_dir true")
+    if out.is_dir() and any(out.iterdir()) and not (run.overwrite_output_dir or run.resume_from_checkpoint):
+        raise ValueError(f"output_dir: {out} is not empty; choose another, resume with "
+                         f"--resume_from_checkpoint latest, or pass --overwrite_output_dir true")
+    if run.resume_from_checkpoint:
+        from ds_bilevel.checkpoint import resolve
+
+        resolve(run.resume_from_checkpoint, out)
 
 
 def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
