@@ -54,8 +54,8 @@ class RunConfig:
     """Global gradient-norm clipping (0 turns it off); fills DeepSpeed's gradient_clipping."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (transformers' gradient checkpointing, non-reentrant)."""
-    eval_steps: int = 0
-    """Evaluate every N steps (0: only before and after training)."""
+    eval_steps: int = 50
+    """Evaluate every N inner steps, besides before and after training (0: only those two)."""
     eval_batch_size: int = 32
     """Examples per rank per evaluation forward."""
     log_steps: int = 10

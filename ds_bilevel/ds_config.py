@@ -43,6 +43,10 @@ def fill_ds_config(ds_config: dict, run: RunConfig, world_size: int) -> dict:
         raise ValueError(f"ds_config: zero_optimization.stage = {stage!r}; allowed: 0, 1, 2, 3")
     if filled.get("fp16", {}).get("enabled") and filled.get("bf16", {}).get("enabled"):
         raise ValueError("ds_config: fp16 and bf16 are both enabled; enable one")
+    for monitor in ("tensorboard", "csv_monitor"):
+        section = filled.get(monitor)
+        if isinstance(section, dict) and section.get("output_path", "auto") == "auto":
+            section["output_path"] = str(Path(run.output_dir) / "monitor")
     # The client optimizer is a torch AdamW: DeepSpeed must be told it may use it with ZeRO.
     filled["zero_allow_untested_optimizer"] = True
     return filled

@@ -24,6 +24,7 @@ from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import load_model, load_tokenizer
+from ds_bilevel.plot import plot_metrics
 from ds_bilevel.schedule import BatchSource, events, split_d1_d2
 
 logger = logging.getLogger("ds_bilevel")
@@ -126,9 +127,14 @@ class TrainingRecipe:
     # ---- train -----------------------------------------------------------------------------
 
     def _log(self, row: dict) -> None:
+        """A metrics.jsonl line, and the same numbers to DeepSpeed's monitors (TensorBoard, CSV,
+        W&B, as enabled in the DeepSpeed config)."""
         if self.rank == 0:
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
+            events = [(f"ds_bilevel/{key}", value, row["step"]) for key, value in row.items()
+                      if key != "step" and isinstance(value, int | float)]
+            self.engine.engine.monitor.write_events(events)
 
     def _evaluate(self, step: int) -> dict:
         metrics = evaluate(self.engine, self.eval_set, self.tokenizer.pad_token_id, self.run.eval_batch_size)
@@ -228,6 +234,10 @@ class TrainingRecipe:
             save_file(tensors, str(self.output_dir / "adapter_model.safetensors"),
                       metadata={"method": self.run.adapter.method, "levels": json.dumps(levels)})
             summary["output_dir"] = str(self.output_dir.resolve())
+            self.metrics_file.flush()
+            summary["plot"] = str(plot_metrics(self.output_dir / "metrics.jsonl",
+                                               self.output_dir / "training_curves.png",
+                                               f"{self.run.adapter.method} on {self.run.model_name_or_path}"))
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

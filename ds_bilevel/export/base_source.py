@@ -1,0 +1,129 @@
+"""The base model's tensors, one at a time: from an HF folder's safetensors files, or from the
+builtin model's state dict (it has no files, and is small enough to build)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ds_bilevel.builtin.model import is_builtin
+from ds_bilevel.export.run_folder import RUN_CONFIG_FILE, ExportError, RunFolder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors' dtype names (get_slice().get_dtype()) -> torch dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Floating-point tensors are written in the export dtype; others as they are."""
+        return dtype if self.dtype.is_floating_point else self.dtype
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return math.prod(self.shape) * self.output_dtype(dtype).itemsize
+
+
+class SafetensorsFolder:
+    """An HF model folder's weights (``model.safetensors`` or an index and its shards), read
+    through ``safe_open`` one tensor at a time: one file is open (memory-mapped) at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if (folder / INDEX_FILE).is_file():
+            files = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
+        elif (folder / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise ExportError(f"model_name_or_path: {folder} has no {SINGLE_FILE} or {INDEX_FILE}; export streams "
+                              f"safetensors weights only (re-save the base with save_pretrained)")
+        self.files: dict[str, list[str]] = {}
+        self.specs: list[TensorSpec] = []
+        for file in files:
+            with safe_open(str(folder / file), "pt") as f:
+                self.files[file] = list(f.keys())
+                for key in self.files[file]:
+                    tensor = f.get_slice(key)
+                    if tensor.get_dtype() not in SAFETENSORS_DTYPES:
+                        raise ExportError(f"model_name_or_path: tensor {key} in {folder / file} has dtype "
+                                          f"{tensor.get_dtype()}, which export does not convert")
+                    self.specs.append(TensorSpec(key, tuple(tensor.get_shape()),
+                                                 SAFETENSORS_DTYPES[tensor.get_dtype()]))
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in ``specs`` order."""
+        for file, keys in self.files.items():
+            with safe_open(str(self.folder / file), "pt") as f:
+                for key in keys:
+                    yield key, f.get_tensor(key)
+
+
+class StateDictSource:
+    """A model in memory (the builtin base), read through its state dict."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.state = model.state_dict()
+        self.specs = [TensorSpec(k, tuple(t.shape), t.dtype) for k, t in self.state.items()]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.state.items()
+
+
+@dataclass
+class Base:
+    """A run's base model: its weights, and what to write besides them."""
+
+    source: SafetensorsFolder | StateDictSource
+    folder: Path | None
+    """The HF folder, or None for a builtin base."""
+    config: dict
+    """config.json, as a dict."""
+    generation_config: dict
+    tokenizer: object
+
+
+def model_folder(run: RunFolder) -> Path | None:
+    """The base model's folder, or None for a builtin base."""
+    if is_builtin(run.model_name_or_path):
+        return None
+    folder = Path(run.model_name_or_path)
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"model_name_or_path: {run.model_name_or_path!r} (from {RUN_CONFIG_FILE}, relative paths "
+                          f"from the current folder) is neither a builtin nor a folder with config.json; "
+                          f"pass base_model / --base_model")
+    return folder
+
+
+def open_base(run: RunFolder) -> Base:
+    """The base the run trained, as the run built it (same tokenizer, vocabulary and seed)."""
+    from transformers import GenerationConfig
+
+    from ds_bilevel.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
+    folder = model_folder(run)
+    if folder is None:
+        model = load_model(run.model_name_or_path, len(tokenizer), run.seed)
+        model.config.architectures = [type(model).__name__]
+        return Base(StateDictSource(model), None, model.config.to_diff_dict(), model.generation_config.to_diff_dict(),
+                    tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    if (folder / "generation_config.json").is_file():
+        generation = json.loads((folder / "generation_config.json").read_text())
+    else:
+        generation = GenerationConfig(**{k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                         if config.get(k) is not None}).to_diff_dict()
+    return Base(SafetensorsFolder(folder), folder, config, generation, tokenizer)

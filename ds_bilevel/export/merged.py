@@ -1,0 +1,82 @@
+"""``merged``: the base with every adapter folded in, as a plain HF model folder.
+
+The base is streamed one tensor at a time. An adapted layer's weight W0 is wrapped in the
+method's own adapter layer with its trained tensors and replaced by ``merged_weight()``
+(LoRA W0 + s B A; DoRA/BiDoRA m (W0 + s B A) / ||W0 + s B A||_row; BiLoRA
+W0 + s P diag(lambda) Q; Bi-LoRA the primary module only), in fp32, then cast. Every other
+tensor is copied through, cast to the export dtype. Shards are written as they fill.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ds_bilevel.export.base_source import Base, TensorSpec
+from ds_bilevel.export.run_folder import ADAPTER_FILE, AdapterFile, ExportError
+from ds_bilevel.export.shards import write_sharded
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec]) -> dict[str, str]:
+    """{base weight name: adapted layer name}, after checking every layer against the base
+    (names and shapes, on the meta device) so that a mismatch stops the export before it writes."""
+    by_name = {spec.name: spec for spec in specs}
+    weights = {}
+    for layer in adapters.layers:
+        spec = by_name.get(f"{layer}.weight")
+        if spec is None or len(spec.shape) != 2:
+            raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} adapts layer {layer}, but the base has no 2-D "
+                              f"tensor {layer}.weight (a weight tied to another, or another base model?)")
+        adapters.layer(layer, torch.empty(spec.shape, device="meta"), load_values=False)
+        weights[spec.name] = layer
+    return weights
+
+
+def output_tensors(base: Base, adapters: AdapterFile | None, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's tensors in order, adapted weights merged (in fp32), floats cast to ``dtype``."""
+    from tqdm.auto import tqdm
+
+    adapted = adapted_weights(adapters, base.source.specs) if adapters is not None else {}
+    for name, tensor in tqdm(base.source.tensors(), total=len(base.source.specs), desc="export", unit="tensor",
+                             disable=None, leave=False):
+        if name in adapted:
+            with torch.no_grad():
+                tensor = adapters.layer(adapted[name], tensor).merged_weight()
+        yield name, (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
+def write_config(base: Base, folder: Path, dtype: torch.dtype) -> None:
+    config = {**base.config, "dtype": dtype_name(dtype)}
+    if "torch_dtype" in config:  # written by transformers 4; keep both readers right
+        config["torch_dtype"] = dtype_name(dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(base.generation_config, indent=2) + "\n")
+    if base.folder is not None and "auto_map" in config:  # custom modelling code travels with the config
+        for code in base.folder.glob("*.py"):
+            shutil.copy2(code, folder / code.name)
+
+
+def write_model_folder(base: Base, adapters: AdapterFile | None, folder: Path, dtype: torch.dtype,
+                       max_bytes: int) -> list[str]:
+    """A folder that AutoModelForCausalLM.from_pretrained loads: config, generation config,
+    tokenizer and sharded weights (the base's, merged with ``adapters`` unless None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = write_sharded(output_tensors(base, adapters, dtype), base.source.specs, dtype, folder, max_bytes)
+    write_config(base, folder, dtype)
+    base.tokenizer.save_pretrained(str(folder))
+    return files
+
+
+def export_merged(adapters: AdapterFile, base: Base, folder: Path, dtype: torch.dtype, max_bytes: int) -> list[str]:
+    if "quantization_config" in base.config:
+        raise ExportError("format: merged needs an unquantized base (its config.json has a quantization_config); "
+                          "use --format peft")
+    return write_model_folder(base, adapters, folder, dtype, max_bytes)

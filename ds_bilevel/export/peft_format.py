@@ -1,0 +1,118 @@
+"""``peft``: a PEFT LoRA/DoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads.
+
+PEFT's layout, read off ``get_peft_model(...).save_pretrained`` (peft 0.21):
+``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight`` (r, in),
+``...lora_B.weight`` (out, r) and, for DoRA, ``...lora_magnitude_vector`` (out,); and
+``adapter_config.json`` (peft_type LORA, r, lora_alpha, target_modules, use_dora, ...).
+
+Each method's inference forward is one of PEFT's exactly (docs/export.md):
+- lora: A, B;
+- bilora: A' = Q, B' = P diag(lambda), same r and alpha (s B' A' = s P diag(lambda) Q);
+- dora, bidora: A, B and the magnitude m, use_dora (PEFT's DoRA forward is DoRA's, and so
+  BiDoRA's: the levels only change how m and A, B were trained);
+- bilora_sam: the primary module A1, B1 (inference drops the auxiliary one, as merging does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ds_bilevel.adapters import AdapterConfig, AdapterLayer
+from ds_bilevel.export.base_source import Base, TensorSpec
+from ds_bilevel.export.merged import adapted_weights, write_model_folder
+from ds_bilevel.export.run_folder import AdapterFile, ExportError
+from ds_bilevel.export.shards import make_readable
+
+PEFT_PREFIX = "base_model.model."
+BASE_SUBFOLDER = "base"
+
+
+def lora_form(layer: AdapterLayer) -> dict[str, torch.Tensor]:
+    return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+
+
+def dora_form(layer: AdapterLayer) -> dict[str, torch.Tensor]:
+    return {**lora_form(layer), "lora_magnitude_vector": layer.magnitude}
+
+
+def bilora_form(layer: AdapterLayer) -> dict[str, torch.Tensor]:
+    # P (out, r) * lambda (r,) scales P's columns: P diag(lambda).
+    return {"lora_A.weight": layer.lora_Q, "lora_B.weight": layer.lora_P * layer.lambdas()}
+
+
+# method -> (PEFT tensors of one layer, use_dora). A method missing here has no exact PEFT form.
+PEFT_FORMS: dict[str, tuple[Callable[[AdapterLayer], dict[str, torch.Tensor]], bool]] = {
+    "lora": (lora_form, False),
+    "dora": (dora_form, True),
+    "bidora": (dora_form, True),
+    "bilora": (bilora_form, False),
+    "bilora_sam": (lora_form, False),
+}
+
+
+def module_names(specs: list[TensorSpec]) -> set[str]:
+    """Every module that holds a tensor, and every module above one (from the tensor names)."""
+    names = set()
+    for spec in specs:
+        parts = spec.name.split(".")[:-1]
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return names
+
+
+def peft_target_modules(config: AdapterConfig, layers: list[str], specs: list[TensorSpec]) -> list[str]:
+    """The run's target names when PEFT's rule (a module whose name is, or ends in ".", a target)
+    selects exactly the adapted layers; otherwise the adapted layers' full names."""
+    selected = {m for m in module_names(specs)
+                if any(m == t or m.endswith("." + t) for t in config.target_modules)}
+    return list(config.target_modules) if selected == set(layers) else sorted(layers)
+
+
+def adapter_config(config: AdapterConfig, use_dora: bool, targets: list[str], base_path: str) -> dict:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+            "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+            "target_modules": targets, "use_dora": use_dora, "use_rslora": False, "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+            "revision": None}
+
+
+def peft_tensors(adapters: AdapterFile, specs: list[TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every adapted layer's PEFT tensors (the adapter's size, not the model's)."""
+    form, _ = PEFT_FORMS[adapters.config.method]
+    shapes = {spec.name: spec.shape for spec in specs}
+    tensors = {}
+    with torch.no_grad():
+        for weight, name in adapted_weights(adapters, specs).items():
+            layer = adapters.layer(name, torch.empty(shapes[weight], device="meta"))
+            for key, value in form(layer).items():
+                tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().to(dtype).contiguous()
+    return tensors
+
+
+def export_peft(adapters: AdapterFile, base: Base, folder: Path, final_folder: Path, dtype: torch.dtype,
+                max_bytes: int) -> list[str]:
+    """Write the adapter to ``folder`` (renamed to ``final_folder`` afterwards). A builtin base has
+    no folder to point at, so it is written to ``<final_folder>/base`` as a plain HF model."""
+    method = adapters.config.method
+    if method not in PEFT_FORMS:
+        raise ExportError(f"format: method {method!r} has no exact PEFT form; use --format merged")
+    specs = base.source.specs
+    save_file(peft_tensors(adapters, specs, dtype), str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    make_readable(folder / "adapter_model.safetensors")
+    files = ["adapter_model.safetensors", "adapter_config.json"]
+    if base.folder is not None:
+        base_path = str(base.folder.resolve())
+    else:
+        write_model_folder(base, None, folder / BASE_SUBFOLDER, dtype, max_bytes)
+        base_path, files = str(final_folder.resolve() / BASE_SUBFOLDER), [*files, BASE_SUBFOLDER]
+    config = adapter_config(adapters.config, PEFT_FORMS[method][1],
+                            peft_target_modules(adapters.config, adapters.layers, specs), base_path)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    base.tokenizer.save_pretrained(str(folder))
+    return files

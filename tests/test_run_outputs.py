@@ -1,0 +1,42 @@
+"""What a run leaves for a person: the progress bar, metrics.jsonl, TensorBoard events, the PNG plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from launch_helpers import FAST_ARGS, launch
+
+pytestmark = pytest.mark.launcher
+
+
+def test_progress_metrics_tensorboard_and_plot(tmp_path):
+    config = json.loads(open("ds_configs/cpu_zero2.json").read())
+    config["tensorboard"]["enabled"] = True  # output_path "auto": <output_dir>/monitor
+    config_file = tmp_path / "tb.json"
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = launch(["--ds_config", str(config_file), "--method", "bidora", "--max_steps", "12",
+                     "--output_dir", str(out), "--log_steps", "2", "--eval_steps", "6", *FAST_ARGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train bidora: 100%" in result.stderr and "12/12" in result.stderr  # tqdm on rank 0 only
+    assert result.stderr.count("train bidora:   0%") == 1
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 6, 12]
+    assert all(r["outer_loss"] is not None for r in rows if "train_loss" in r)  # both levels logged
+
+    png = out / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = [p.parent for p in (out / "monitor").rglob("events.out.tfevents*")]
+    assert event_dirs
+    accumulator = EventAccumulator(str(event_dirs[0]))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert {"ds_bilevel/train_loss", "ds_bilevel/outer_loss", "ds_bilevel/eval_exact_match"} <= set(scalars)
+    logged = [e.value for e in accumulator.Scalars("ds_bilevel/train_loss")]
+    assert logged == pytest.approx([r["train_loss"] for r in rows if "train_loss" in r])
