@@ -18,7 +18,8 @@ def plot_metrics(metrics_file: Path, out_file: Path, title: str) -> Path:
     outer = [r for r in rows if r.get("outer_loss") is not None]
     evals = [r for r in rows if "eval_loss" in r]
     figure, (losses, metrics) = plt.subplots(1, 2, figsize=(11, 4))
-    losses.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train loss (inner level; D1 if bi-level)")
+    losses.plot([r["step"] for r in train], [r["train_loss"] for r in train],
+                label="train loss (inner level; D1 if bi-level)")
     if outer:
         losses.plot([r["step"] for r in outer], [r["outer_loss"] for r in outer], label="outer level (D2) loss")
     losses.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o--", label="eval loss")

@@ -56,7 +56,8 @@ def print_summary(summary: dict) -> None:
         f"train loss     {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}\n"
         f"throughput     {summary['tokens_per_s']:.0f} tokens/s over {summary['world_size']} ranks "
         f"({summary['steps']} steps in {summary['train_time_s']:.1f} s)\n"
-        f"outputs        {summary['output_dir']} (adapter_model.safetensors, metrics.jsonl, training_curves.png, summary.json)"
+        f"outputs        {summary['output_dir']} "
+        "(adapter_model.safetensors, metrics.jsonl, training_curves.png, summary.json)"
     )
 
 

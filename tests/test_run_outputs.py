@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from launch_helpers import FAST_ARGS, launch
+from launch_helpers import FAST_ARGS, REPO, launch
 
 pytestmark = pytest.mark.launcher
 
 
 def test_progress_metrics_tensorboard_and_plot(tmp_path):
-    config = json.loads(open("ds_configs/cpu_zero2.json").read())
+    config = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
     config["tensorboard"]["enabled"] = True  # output_path "auto": <output_dir>/monitor
     config_file = tmp_path / "tb.json"
     config_file.write_text(json.dumps(config))
