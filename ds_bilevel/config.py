@@ -209,3 +209,36 @@ def config_from_flat(values: dict) -> RunConfig:
 
 def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a settings dataclass (litgpt's convention)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(after.value.value.split())
+            for node, after in zip(body, body[1:], strict=False)
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)}
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/usage.md: ``python -m ds_bilevel.config`` prints it."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    sections = [("", RunConfig), ("adapter.", AdapterConfig), ("data.", DataConfig), ("bilevel.", BilevelConfig)]
+    for prefix, cls in sections:
+        docs, defaults = field_docs(cls), cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(getattr(defaults, f.name)):
+                continue
+            default = getattr(defaults, f.name)
+            shown = ",".join(default) if isinstance(default, list) else default
+            text = docs.get(f.name, "").replace(" | ", " / ").replace("||", "‖")
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

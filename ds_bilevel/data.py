@@ -1,23 +1,33 @@
 """Datasets, tokenisation and a world-size-independent batch order.
 
-Examples are dicts with a prompt and a response; the loss is taken on the response
-tokens only (labels are -100 on the prompt and on padding).
+Two formats, both trained as causal language modelling with the loss on the answer only
+(labels are -100 on the prompt and on padding):
+
+- ``instruction``: a prompt field and a response field; with the tokenizer's chat template
+  when it has one (the prompt as a user turn, the response as the assistant's answer);
+- ``classification``: a text field and a label field (GLUE-style); the label is written
+  out as a word (``label_names``) and predicted as the answer, so accuracy is the exact
+  match of that word. Decoder models only: encoder models with a classification head are
+  not supported by this release.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 BUILTIN_DATASETS = {"builtin:instruct"}
+FORMATS = ("instruction", "classification")
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100
 
 
 @dataclass
 class DataConfig:
+    format: str = "instruction"
+    """instruction (prompt + response fields) | classification (text + label fields)."""
     train_size: int = 2048
     """builtin:instruct only: number of generated training examples."""
     eval_size: int = 256
@@ -26,10 +36,26 @@ class DataConfig:
     """Column holding the instruction."""
     response_field: str = "response"
     """Column holding the answer; the loss is taken on these tokens only."""
+    text_field: str = "text"
+    """classification: column holding the text to classify."""
+    label_field: str = "label"
+    """classification: column holding the label (an integer index or a string)."""
+    label_names: list[str] = field(default_factory=list)
+    """classification: the words integer labels stand for (label i -> label_names[i]); empty: the digits."""
+    chat_template: bool = True
+    """instruction: wrap the prompt with the tokenizer's chat template when it has one."""
+    validation_file: str = ""
+    """A separate file used as D2 (the outer level's data) instead of a share of the training data."""
+    hub_split: str = "train"
+    """Split to read when ``dataset`` is a hub dataset name rather than a local file."""
     max_length: int = 64
     """Prompt + response tokens are truncated to this length (the prompt is cut first)."""
 
     def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format: {self.format!r} is not one of {list(FORMATS)}")
+        if self.validation_file and not Path(self.validation_file).is_file():
+            raise ValueError(f"data.validation_file: file {self.validation_file!r} does not exist")
         for name in ("train_size", "eval_size", "max_length"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -38,7 +64,7 @@ class DataConfig:
 
 def load_records(dataset: str, config: DataConfig, seed: int):
     """(train, eval) as ``datasets.Dataset`` objects with prompt/response columns."""
-    from datasets import Dataset, load_dataset
+    from datasets import Dataset
 
     if dataset in BUILTIN_DATASETS:
         from ds_bilevel.builtin.task import make_split
@@ -47,29 +73,69 @@ def load_records(dataset: str, config: DataConfig, seed: int):
         # A different generator seed: evaluation examples are fresh draws, not training ones.
         evaluation = Dataset.from_list(make_split(seed=seed + 7919, size=config.eval_size))
         return train, evaluation
-    path = Path(dataset)
-    if path.suffix not in FILE_LOADERS:
-        raise ValueError(f"dataset: {dataset!r} is neither a builtin ({sorted(BUILTIN_DATASETS)}) "
-                         f"nor a file ending in {sorted(FILE_LOADERS)}")
-    if not path.is_file():
-        raise ValueError(f"dataset: file {dataset!r} does not exist")
-    records = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
-    for field in (config.prompt_field, config.response_field):
-        if field not in records.column_names:
-            raise ValueError(f"data: field {field!r} not in {dataset}; its fields are {records.column_names}")
+    records = read_file_or_hub(dataset, config)
     if len(records) <= config.eval_size:
         raise ValueError(f"data.eval_size: {config.eval_size} leaves no training example out of {len(records)}")
     parts = records.train_test_split(test_size=config.eval_size, seed=seed)
     return parts["train"], parts["test"]
 
 
+def read_file_or_hub(dataset: str, config: DataConfig):
+    """A local JSON/JSONL/CSV/Parquet file, or a hub dataset name, as prompt/response records."""
+    from datasets import load_dataset
+
+    path = Path(dataset)
+    if path.suffix in FILE_LOADERS:
+        if not path.is_file():
+            raise ValueError(f"dataset: file {dataset!r} does not exist")
+        records = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+    elif "/" in dataset and not path.exists():  # owner/name on the hub (needs network access)
+        records = load_dataset(dataset, split=config.hub_split)
+    else:
+        raise ValueError(f"dataset: {dataset!r} is neither a builtin ({sorted(BUILTIN_DATASETS)}), a file ending "
+                         f"in {sorted(FILE_LOADERS)}, nor a hub name owner/name")
+    return to_prompt_response(records, config, dataset)
+
+
+def to_prompt_response(records, config: DataConfig, source: str):
+    """Check the configured fields exist and map them to ``prompt`` / ``response`` columns."""
+    fields = ((config.prompt_field, config.response_field) if config.format == "instruction"
+              else (config.text_field, config.label_field))
+    missing = [f for f in fields if f not in records.column_names]
+    if missing:
+        raise ValueError(f"data: field(s) {missing} not in {source}; its fields are {records.column_names}")
+    if len(records) == 0:
+        raise ValueError(f"dataset: {source} holds no example")
+    names = config.label_names
+
+    def convert(example):
+        answer = example[fields[1]]
+        if names and isinstance(answer, int):
+            if not 0 <= answer < len(names):
+                raise ValueError(f"data.label_names: label {answer} has no name among {names}")
+            answer = names[answer]
+        return {"prompt": str(example[fields[0]]), "response": str(answer)}
+
+    return records.map(convert, remove_columns=records.column_names, desc="format")
+
+
+def load_validation(config: DataConfig):
+    """The explicit D2 file's records, or None when D2 is a share of the training data."""
+    return read_file_or_hub(config.validation_file, config) if config.validation_file else None
+
+
 def tokenize(records, tokenizer, config: DataConfig):
     """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets."""
     eos = tokenizer.eos_token_id
+    use_template = config.format == "instruction" and config.chat_template and bool(tokenizer.chat_template)
 
     def encode(example):
-        prompt = tokenizer(example[config.prompt_field] + "\n").input_ids
-        response = tokenizer(str(example[config.response_field]), add_special_tokens=False).input_ids + [eos]
+        if use_template:
+            prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": example["prompt"]}],
+                                                        add_generation_prompt=True, tokenize=True, return_dict=False))
+        else:
+            prompt = tokenizer(example["prompt"] + "\n").input_ids
+        response = tokenizer(example["response"], add_special_tokens=False).input_ids + [eos]
         prompt = prompt[-max(config.max_length - len(response), 1):]
         input_ids = (prompt + response)[: config.max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[: config.max_length]

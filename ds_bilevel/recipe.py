@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from ds_bilevel.adapters import inject_adapters
 from ds_bilevel.adapters.base import gathered
 from ds_bilevel.adapters.inject import named_base_parameters
 from ds_bilevel.config import RunConfig, config_to_dict
-from ds_bilevel.data import load_records, tokenize
+from ds_bilevel.data import load_records, load_validation, tokenize
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.levels import Level, named_level_parameters
@@ -59,38 +60,51 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare(run: RunConfig):
-    """(tokenizer, tokenised train set, tokenised eval set, adapted model): the same on every
-    rank and in the plain-PyTorch reference."""
+@dataclass
+class Prepared:
+    """What a run trains on, the same on every rank and in the plain-PyTorch reference."""
+
+    tokenizer: object
+    train_set: object
+    eval_set: object
+    d2_set: object | None  # an explicit D2 file, tokenised (None: D2 is a share of train_set)
+    model: torch.nn.Module
+
+
+def prepare(run: RunConfig) -> Prepared:
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
     train, evaluation = load_records(run.dataset, run.data, run.seed)
     train_set, eval_set = tokenize(train, tokenizer, run.data), tokenize(evaluation, tokenizer, run.data)
+    d2 = load_validation(run.data)
+    d2_set = tokenize(d2, tokenizer, run.data) if d2 is not None else None
     model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code)
     model.config.use_cache = False
     if run.gradient_checkpointing:
         enable_activation_checkpointing(model)
     torch.manual_seed(run.seed)  # the same adapter init on every rank
     inject_adapters(model, run.adapter)
-    return tokenizer, train_set, eval_set, model
+    return Prepared(tokenizer, train_set, eval_set, d2_set, model)
 
 
-def batch_sources(run: RunConfig, mode: str, train_set, rank: int, world_size: int, pad_id: int,
-                  micro_batch: int | None = None) -> dict[str, BatchSource]:
-    """Where each kind of step takes its batches: D1 and D2 for bi-level methods, the whole
-    training set otherwise. ``micro_batch`` overrides the run's (the reference uses one
-    micro-batch per global batch)."""
-    global_batch = run.global_batch_size(world_size)
+def batch_sources(run: RunConfig, mode: str, data: Prepared, rank: int, world_size: int) -> dict[str, BatchSource]:
+    """Where each kind of step takes its batches: D1 and D2 for bi-level methods (a seeded
+    split of the training set, or all of it and the explicit validation file), the whole
+    training set otherwise."""
+    global_batch, pad_id = run.global_batch_size(world_size), data.tokenizer.pad_token_id
 
-    def source(indices: list[int], seed: int) -> BatchSource:
-        return BatchSource(train_set, indices, global_batch, micro_batch or run.micro_batch_size, rank, world_size,
-                           seed, pad_id)
+    def source(dataset, indices: list[int], seed: int) -> BatchSource:
+        return BatchSource(dataset, indices, global_batch, run.micro_batch_size, rank, world_size, seed, pad_id)
 
-    everything = list(range(len(train_set)))
+    everything = list(range(len(data.train_set)))
     if mode != "bilevel":
-        return {"inner": source(everything, run.seed), "sharpness": source(everything, run.seed)}
+        return {"inner": source(data.train_set, everything, run.seed),
+                "sharpness": source(data.train_set, everything, run.seed)}
+    if data.d2_set is not None:
+        return {"inner": source(data.train_set, everything, run.seed),
+                "outer": source(data.d2_set, list(range(len(data.d2_set))), run.seed + 1)}
     d1, d2 = split_d1_d2(len(everything), run.bilevel.split_ratio, run.seed)
-    return {"inner": source(d1, run.seed), "outer": source(d2, run.seed + 1)}
+    return {"inner": source(data.train_set, d1, run.seed), "outer": source(data.train_set, d2, run.seed + 1)}
 
 
 class TrainingRecipe:
@@ -110,17 +124,17 @@ class TrainingRecipe:
             import datasets
 
             datasets.disable_progress_bars()
-        self.tokenizer, self.train_set, self.eval_set, model = prepare(run)
-        self.engine = BilevelEngine(model, run, self.ds_config)
+        data = prepare(run)
+        self.tokenizer, self.eval_set = data.tokenizer, data.eval_set
+        self.engine = BilevelEngine(data.model, run, self.ds_config)
         self.initial = self._level_values()
-        self.sources = batch_sources(run, self.engine.mode, self.train_set, self.rank, self.world_size,
-                                     self.tokenizer.pad_token_id)
+        self.sources = batch_sources(run, self.engine.mode, data, self.rank, self.world_size)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(config_to_dict(run), indent=2))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             self.metrics_file = (self.output_dir / "metrics.jsonl").open("a" if run.resume_from_checkpoint else "w")
-            if "outer" in self.sources:  # the D1/D2 split, for audits and resumes
+            if "outer" in self.sources and not run.data.validation_file:  # the D1/D2 split, for audits
                 split = {"d1": self.sources["inner"].indices, "d2": self.sources["outer"].indices}
                 (self.output_dir / "split.json").write_text(json.dumps(split))
 

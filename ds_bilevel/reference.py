@@ -122,9 +122,10 @@ def run_reference(run: RunConfig, global_batch: int) -> dict[str, torch.Tensor]:
     from ds_bilevel.schedule import events
 
     run = dataclasses.replace(run, micro_batch_size=global_batch, gradient_accumulation_steps=1)
-    tokenizer, train_set, _, model = prepare(run)
+    data = prepare(run)
+    model = data.model
     reference = ReferenceBilevel(model, run)
-    sources = batch_sources(run, reference.mode, train_set, 0, 1, tokenizer.pad_token_id)
+    sources = batch_sources(run, reference.mode, data, 0, 1)
     for kind, index in events(reference.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps):
         reference.step(kind, sources[kind].batch(index))
     return {name: p.detach().clone() for level in Level for name, p in named_level_parameters(model, level)}

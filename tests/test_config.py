@@ -61,6 +61,9 @@ def test_every_setting_has_a_command_line_flag():
 def test_every_setting_is_documented():
     from launch_helpers import REPO
 
+    from ds_bilevel.config import settings_markdown
+
     usage = (REPO / "docs" / "usage.md").read_text()
     missing = [key for key in flat_field_types() if f"`{key}`" not in usage]
     assert not missing, f"settings missing from docs/usage.md: {missing}"
+    assert settings_markdown() in usage, "docs/usage.md's table is stale: paste `python -m ds_bilevel.config`"

@@ -47,13 +47,55 @@ def test_collate_pads_right():
 def test_local_jsonl_file_and_missing_field(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"q{i}", "response": f"a{i}"}) for i in range(20)))
-    with pytest.raises(ValueError, match=r"data: field 'prompt' not in .*; its fields are \['question', 'response'\]"):
+    expected = r"data: field\(s\) \['prompt'\] not in .*; its fields are \['question', 'response'\]"
+    with pytest.raises(ValueError, match=expected):
         load_records(str(path), DataConfig(eval_size=4), seed=0)
     train, evaluation = load_records(str(path), DataConfig(eval_size=4, prompt_field="question"), seed=0)
     assert (len(train), len(evaluation)) == (16, 4)
-    assert not set(train["question"]) & set(evaluation["question"])
+    assert sorted(train.column_names) == ["prompt", "response"]
+    assert not set(train["prompt"]) & set(evaluation["prompt"])
 
 
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="dataset: 'builtin:nope' is neither a builtin"):
         load_records("builtin:nope", DataConfig(), seed=0)
+
+
+def test_csv_classification_with_label_names(tmp_path):
+    path = tmp_path / "sst.csv"
+    path.write_text("sentence,label\n" + "\n".join(f"movie number {i} was fine,{i % 2}" for i in range(12)))
+    config = DataConfig(format="classification", text_field="sentence", eval_size=2,
+                        label_names=["negative", "positive"])
+    train, evaluation = load_records(str(path), config, seed=0)
+    rows = {r["prompt"]: r["response"] for r in [*train, *evaluation]}
+    assert rows["movie number 3 was fine"] == "positive" and rows["movie number 4 was fine"] == "negative"
+    with pytest.raises(ValueError, match=r"data: field\(s\) \['text'\] not in"):
+        load_records(str(path), DataConfig(format="classification", eval_size=2), seed=0)
+
+
+def test_parquet_and_explicit_validation_file(tmp_path):
+    from datasets import Dataset
+
+    from ds_bilevel.data import load_validation
+
+    Dataset.from_list([{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "d2.jsonl").write_text("\n".join(json.dumps({"prompt": f"v{i}", "response": "x"}) for i in range(3)))
+    config = DataConfig(eval_size=2, validation_file=str(tmp_path / "d2.jsonl"))
+    train, _ = load_records(str(tmp_path / "t.parquet"), config, seed=0)
+    assert len(train) == 8
+    assert load_validation(config)["prompt"] == ["v0", "v1", "v2"]
+    assert load_validation(DataConfig()) is None
+
+
+def test_chat_template_wraps_the_prompt_only():
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %} [assistant]"
+    train, _ = load_records("builtin:instruct", DataConfig(train_size=2, eval_size=1), seed=0)
+    with_template = tokenize(train, tokenizer, DataConfig())[0]
+    plain = tokenize(train, tokenizer, DataConfig(chat_template=False))[0]
+    expected_prompt = tokenizer(f"[user] {train[0]['prompt']} [assistant]", add_special_tokens=False).input_ids
+    prompt_ids = [t for t, label in zip(with_template["input_ids"], with_template["labels"], strict=True)
+                  if label == IGNORE_INDEX]
+    assert prompt_ids == expected_prompt
+    labelled = [t for t in with_template["labels"] if t != IGNORE_INDEX]
+    assert labelled == [t for t in plain["labels"] if t != IGNORE_INDEX]  # the answer is the same

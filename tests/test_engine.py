@@ -43,7 +43,8 @@ def references():
     out = {}
     for name, case in CASES.items():
         run = config_from_flat({**SHARED, **case, "micro_batch_size": 1})
-        initial = {n: p.detach().clone() for level in Level for n, p in named_level_parameters(prepare(run)[3], level)}
+        model = prepare(run).model
+        initial = {n: p.detach().clone() for level in Level for n, p in named_level_parameters(model, level)}
         out[name] = (run_reference(run, GLOBAL_BATCH), initial)
     return out
 
