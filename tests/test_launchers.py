@@ -1,0 +1,78 @@
+"""Other ways to start a run: two "nodes" on this machine (two deepspeed launchers with a hostfile,
+--no_ssh and --node_rank), and accelerate launch with its DeepSpeed plugin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from launch_helpers import REPO, free_port, launch, write_ds_config
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.launcher
+
+ARGS = ["--method", "bidora", "--hypergrad", "darts", "--max_steps", "4", "--model_name_or_path",
+        "builtin:micro-llama", "--data.train_size", "64", "--data.eval_size", "8", "--micro_batch_size", "2"]
+
+
+def test_two_node_run_matches_single_node(tmp_path):
+    config = write_ds_config(tmp_path, 3, bf16=False)
+    single = tmp_path / "single"
+    result = launch(["--ds_config", str(config), *ARGS, "--output_dir", str(single)])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    multi, port = tmp_path / "multi", free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+         "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(REPO / "launch" / "train.py"), "--ds_config", str(config), *ARGS, "--output_dir", str(multi)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "world_size\": 2" in outputs[0]
+
+    expected, got = load_file(single / "adapter_model.safetensors"), load_file(multi / "adapter_model.safetensors")
+    a = torch.cat([expected[k].flatten() for k in expected])
+    b = torch.cat([got[k].flatten() for k in expected])
+    assert ((a - b).norm() / a.norm()).item() < 1e-6  # same world size: only the transport differs
+
+
+def test_accelerate_launch_with_its_deepspeed_plugin(tmp_path):
+    """`accelerate launch --use_deepspeed` starts the same 2-rank run as the deepspeed launcher."""
+    config = write_ds_config(tmp_path, 2, bf16=False)
+    reference = tmp_path / "deepspeed"
+    result = launch(["--ds_config", str(config), *ARGS, "--output_dir", str(reference)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "accelerate"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--deepspeed_config_file", str(config),
+               str(REPO / "launch" / "train.py"), "--ds_config", str(config), *ARGS, "--output_dir", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"world_size": 2' in result.stdout
+    expected, got = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-9) for k in expected)
+
+
+def test_slurm_script_runs_two_nodes(tmp_path):
+    """launch/slurm_train.sh with stand-ins for srun and scontrol that start both "nodes" here."""
+    config = write_ds_config(tmp_path, 3, bf16=False)
+    out = tmp_path / "slurm"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "FAKE_NODES": "node-a node-b",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "HOSTFILE": str(tmp_path / "hostfile"),
+           "PATH": f"{REPO / 'tests' / 'scripts' / 'fake_slurm'}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sh"), "--ds_config", str(config), *ARGS,
+                             "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 nodes x 1 ranks" in result.stdout
+    assert (tmp_path / "hostfile").read_text() == "node-a slots=1\nnode-b slots=1\n"
+    assert '"world_size": 2' in result.stdout
+    assert (out / "adapter_model.safetensors").is_file()
