@@ -71,14 +71,14 @@ class Prepared:
     model: torch.nn.Module
 
 
-def prepare(run: RunConfig) -> Prepared:
+def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
     train, evaluation = load_records(run.dataset, run.data, run.seed)
     train_set, eval_set = tokenize(train, tokenizer, run.data), tokenize(evaluation, tokenizer, run.data)
     d2 = load_validation(run.data)
     d2_set = tokenize(d2, tokenizer, run.data) if d2 is not None else None
-    model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code)
+    model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code, ds_config)
     model.config.use_cache = False
     if run.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -107,6 +107,23 @@ def batch_sources(run: RunConfig, mode: str, data: Prepared, rank: int, world_si
     return {"inner": source(data.train_set, d1, run.seed), "outer": source(data.train_set, d2, run.seed + 1)}
 
 
+def peak_memory_per_rank() -> list[float]:
+    """Each rank's peak memory in GiB: accelerator memory allocated on a GPU, else the process's
+    peak resident set (ru_maxrss). Collective."""
+    import resource
+
+    import deepspeed.comm as dist
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, torch.device("cpu")  # KiB
+    values = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([peak], dtype=torch.float64, device=device))
+    return [round(v.item(), 3) for v in values]
+
+
 class TrainingRecipe:
     def __init__(self, run: RunConfig, ds_config: dict):
         self.run, self.ds_config = run, ds_config
@@ -124,7 +141,7 @@ class TrainingRecipe:
             import datasets
 
             datasets.disable_progress_bars()
-        data = prepare(run)
+        data = prepare(run, self.ds_config)
         self.tokenizer, self.eval_set = data.tokenizer, data.eval_set
         self.engine = BilevelEngine(data.model, run, self.ds_config)
         self.initial = self._level_values()
@@ -244,6 +261,7 @@ class TrainingRecipe:
                                       for level in Level}
         if self.run.checksum_base:
             summary["base_sha256"] = base_checksum(module)
+        summary["peak_memory_gb_per_rank"] = peak_memory_per_rank()
         if self.rank == 0:
             save_file(tensors, str(self.output_dir / "adapter_model.safetensors"),
                       metadata={"method": self.run.adapter.method, "levels": json.dumps(levels)})

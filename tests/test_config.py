@@ -67,3 +67,13 @@ def test_every_setting_is_documented():
     missing = [key for key in flat_field_types() if f"`{key}`" not in usage]
     assert not missing, f"settings missing from docs/usage.md: {missing}"
     assert settings_markdown() in usage, "docs/usage.md's table is stale: paste `python -m ds_bilevel.config`"
+
+
+def test_every_shipped_run_config_loads():
+    from launch_helpers import REPO
+
+    shipped = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(shipped) >= 2
+    for path in shipped:
+        run = load_config(["--config", str(path)])  # validates every value, the ds_config path included
+        assert run.adapter.rank == 16 and run.bilevel.hypergrad == "darts", path.name

@@ -33,8 +33,8 @@ def test_two_rank_training_lowers_loss_and_keeps_base(tmp_path, method):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = run_summary(out)
     assert summary["world_size"] == 2
-    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
-    assert summary["train_loss_last"] < summary["train_loss_first"] - 0.5
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.3
+    assert summary["train_loss_last"] < summary["train_loss_first"] - 0.3
     # Only adapters moved: the bf16 base after training is bit-identical to a fresh one.
     assert summary["base_sha256"] == reference_base_checksum(method, torch.bfloat16)
     adapters = load_file(out / "adapter_model.safetensors")

@@ -13,6 +13,11 @@ BUILTIN_MODELS = {
     # A smaller sibling for fast tests.
     "micro-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    # LLaMA-2-7B's shapes (6.7B parameters, random weights) for scale runs under ZeRO-3; the
+    # vocabulary is padded to 32000 rows beyond the builtin tokenizer's ids.
+    "llama-2-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                             vocab_size=32000),
 }
 
 
@@ -27,17 +32,41 @@ def builtin_llama_config(name: str, vocab_size: int, **overrides):
     if key not in BUILTIN_MODELS:
         allowed = [BUILTIN_PREFIX + k for k in BUILTIN_MODELS]
         raise ValueError(f"model_name_or_path: unknown builtin {name!r}; builtins are {allowed}")
-    kwargs = {**BUILTIN_MODELS[key], "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2,
+    kwargs = {"vocab_size": vocab_size, **BUILTIN_MODELS[key], "bos_token_id": 1, "eos_token_id": 2,
               "pad_token_id": 3, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, **overrides}
     return LlamaConfig(**kwargs)
 
 
-def build_builtin_model(name: str, vocab_size: int, seed: int = 0, **overrides):
-    """The same weights on every rank and every run: the seed fixes the init."""
+def build_builtin_model(name: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """The same weights on every rank and every run: the seed fixes the init.
+
+    Built with ``from_config`` so that under an active ZeRO-3 config (HfDeepSpeedConfig)
+    transformers creates it partitioned; ``seeded_init_`` makes the values the same either way.
+    """
     from transformers import LlamaForCausalLM
 
     config = builtin_llama_config(name, vocab_size, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    seeded_init_(model, seed, config.initializer_range)
     return model
+
+
+@torch.no_grad()
+def seeded_init_(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Give every parameter values that depend only on (seed, its name): N(0, std) for weights,
+    ones for RMSNorm scales (LLaMA's init). The result is the same whether the model was
+    built whole or partitioned under ZeRO-3 (there each tensor is gathered on its own and
+    written by rank 0), which construction-order RNG draws would not guarantee."""
+    import zlib
+
+    from ds_bilevel.adapters.base import gathered
+
+    for name, param in model.named_parameters():
+        with gathered([param], modifier_rank=0):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ds_bilevel.builtin.model import is_builtin
-from ds_bilevel.export.run_folder import RUN_CONFIG_FILE, ExportError, RunFolder
+from ds_bilevel.export.run_folder import ExportError, RunFolder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -109,9 +109,9 @@ def model_folder(run: RunFolder) -> Path | None:
         return None
     folder = Path(run.model_name_or_path)
     if not (folder / "config.json").is_file():
-        raise ExportError(f"model_name_or_path: {run.model_name_or_path!r} (from {RUN_CONFIG_FILE}, relative paths "
-                          f"from the current folder) is neither a builtin nor a folder with config.json; "
-                          f"pass base_model / --base_model")
+        raise ExportError(f"model_name_or_path: {run.model_name_or_path!r} is neither a builtin nor a folder with "
+                          f"config.json (a relative path is taken from the current folder); pass the base's folder "
+                          f"as --base_model")
     return folder
 
 

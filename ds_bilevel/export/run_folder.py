@@ -74,8 +74,12 @@ def read_run_folder(path: str | Path, base_model: str | None = None) -> RunFolde
     run = RunFolder(path=path, model_name_or_path=base_model or values["model_name_or_path"],
                     seed=int(values.get("seed", 0)), trust_remote_code=bool(values.get("trust_remote_code", False)),
                     adapter=read_adapter_config(values["adapter"]))
-    with safe_open(str(path / ADAPTER_FILE), "pt") as f:
-        saved_method = (f.metadata() or {}).get("method", run.method)
+    try:
+        with safe_open(str(path / ADAPTER_FILE), "pt") as f:
+            saved_method = (f.metadata() or {}).get("method", run.method)
+    except Exception as error:  # safetensors' own error type differs between versions
+        raise ExportError(f"checkpoint_dir: {path / ADAPTER_FILE} is not a readable safetensors file "
+                          f"({error})") from None
     if saved_method != run.method:
         raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds method {saved_method!r} but {RUN_CONFIG_FILE} "
                           f"says adapter.method {run.method!r}")
@@ -91,14 +95,11 @@ class AdapterFile:
         self.param_names = self._param_names()
         with safe_open(str(self.path), "pt") as f:
             keys = list(f.keys())
-        self.layers: list[str] = []  # adapted layer names, in file order
         for key in keys:
-            layer, _, param = key.rpartition(".")
-            if param not in self.param_names:
+            if key.rpartition(".")[2] not in self.param_names:
                 raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds {key!r}, which is not a {run.method} "
                                   f"parameter ({sorted(self.param_names)})")
-            if layer not in self.layers:
-                self.layers.append(layer)
+        self.layers = list(dict.fromkeys(key.rpartition(".")[0] for key in keys))  # adapted layers, file order
         if not self.layers:
             raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds no adapter tensors")
 
