@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if recipe.rank == 0:
         print_summary(summary)
         print(json.dumps(summary), file=sys.stderr if os.environ.get("DS_BILEVEL_QUIET") else sys.stdout)
-    recipe.cleanup()
+    recipe.cleanup()  # ends with a barrier: no collective follows
+    from ds_bilevel.distributed import release_shm_buffers
+
+    release_shm_buffers()
     return 0
 
 

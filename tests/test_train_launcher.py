@@ -27,7 +27,10 @@ def reference_base_checksum(method: str, dtype: torch.dtype) -> str:
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_two_rank_training_lowers_loss_and_keeps_base(tmp_path, method):
+    import glob
+
     out = tmp_path / "run"
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     result = launch(["--ds_config", "ds_configs/cpu_zero2.json", "--method", method, "--max_steps", "25",
                      "--output_dir", str(out), *FAST_ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,6 +45,7 @@ def test_two_rank_training_lowers_loss_and_keeps_base(tmp_path, method):
     lora_b = [t for name, t in adapters.items() if name.endswith("lora_B")]
     assert len(lora_b) == 2 * 7 and all(t.abs().sum() > 0 for t in lora_b)  # B left zero-init
     assert "== ds_bilevel run summary ==" in result.stdout
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before  # released at exit
     assert (out / "metrics.jsonl").read_text().count("train_loss") >= 2
 
 

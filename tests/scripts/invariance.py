@@ -8,7 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from ds_bilevel.config import config_from_flat
+from ds_bilevel.distributed import release_shm_buffers
 from ds_bilevel.ds_config import fill_ds_config
 from ds_bilevel.recipe import TrainingRecipe
 
@@ -55,3 +58,5 @@ if __name__ == "__main__":
 
     deepspeed.init_distributed()
     main(Path(sys.argv[-1]), dist.get_world_size())
+    torch.distributed.barrier()  # no collective after this point
+    release_shm_buffers()

@@ -9,6 +9,7 @@ import deepspeed
 import torch
 
 from ds_bilevel.config import config_from_flat
+from ds_bilevel.distributed import release_shm_buffers
 from ds_bilevel.ds_config import fill_ds_config
 from ds_bilevel.levels import Level
 from ds_bilevel.recipe import TrainingRecipe, base_checksum
@@ -54,3 +55,5 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[-1])
+    torch.distributed.barrier()  # no collective after this point
+    release_shm_buffers()

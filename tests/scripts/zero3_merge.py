@@ -17,6 +17,7 @@ import torch
 from ds_bilevel.adapters import METHODS, AdapterConfig, inject_adapters
 from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.builtin.model import build_builtin_model
+from ds_bilevel.distributed import release_shm_buffers
 from ds_bilevel.levels import Level, level_parameters
 
 
@@ -62,3 +63,5 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[-1])
+    torch.distributed.barrier()  # no collective after this point
+    release_shm_buffers()
