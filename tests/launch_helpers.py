@@ -47,3 +47,12 @@ def run_summary(output_dir: Path) -> dict:
 FAST_ARGS = ["--model_name_or_path", "builtin:micro-llama", "--data.train_size", "256",
              "--data.eval_size", "32", "--micro_batch_size", "4", "--learning_rate", "2e-2",
              "--warmup_ratio", "0", "--checksum_base", "true"]
+
+
+def run_script(script: str, out: Path, num_ranks: int) -> None:
+    """Run tests/scripts/<script> OUT through the deepspeed launcher on CPU ranks."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port",
+               str(free_port()), str(REPO / "tests" / "scripts" / script), str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import REPO, free_port, launch, run_summary
+from launch_helpers import REPO, launch, run_script, run_summary
 from safetensors.torch import load_file
 
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
@@ -24,17 +23,6 @@ sys.path.insert(0, str(REPO / "tests" / "scripts"))
 from invariance import CASES, GLOBAL_BATCH, SHARED, STAGES  # noqa: E402
 
 pytestmark = pytest.mark.launcher
-
-
-def run_script(script: str, out: Path, num_ranks: int) -> None:
-    import os
-    import subprocess
-
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port",
-               str(free_port()), str(REPO / "tests" / "scripts" / script), str(out)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +55,13 @@ def test_references_are_not_trivial(references):
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2])
-def test_every_stage_and_world_size_matches_the_reference(tmp_path, references, num_ranks):
+def test_every_stage_and_world_size_matches_the_reference(invariance_runs, references, num_ranks):
     """fp32, global batch 8: ZeRO 0/1/2/3 (and 3 with CPU offload) on 1 and 2 ranks end where the
     one-process reference ends."""
-    run_script("invariance.py", tmp_path, num_ranks)
+    runs = invariance_runs(num_ranks)
     for name, (expected, _) in references.items():
         for stage in STAGES:
-            got = load_file(tmp_path / name / stage / "adapter_model.safetensors")
+            got = load_file(runs / name / stage / "adapter_model.safetensors")
             assert set(got) == set(expected)
             error = ((flat(got, expected) - flat(expected, expected)).norm() / flat(expected, expected).norm()).item()
             # neumann and cg chain several central differences (each divides float rounding of a

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import REPO, launch, write_ds_config
+from launch_helpers import REPO
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -393,26 +393,19 @@ def rebuilt_adapted_model(run_dir: Path) -> torch.nn.Module:
 
 @pytest.mark.launcher
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-# Two of the four method x stage pairs (all four pass: 22 s each would take the file past 90 s).
-@pytest.mark.parametrize(("method", "stage"), [("bidora", 3), ("bilora", 2)])
-def test_trained_run_exports_exactly(method, stage, tmp_path):
-    """3 steps on 2 CPU ranks in fp32, then merged and PEFT exports against the adapted model
-    rebuilt from the run folder (whose base is the trained one, bit for bit: same checksum)."""
-    from ds_bilevel.recipe import base_checksum
-
-    run_dir = tmp_path / "run"
-    result = launch(["--ds_config", str(write_ds_config(tmp_path, stage, bf16=False)), "--method", method,
-                     "--max_steps", "3", "--output_dir", str(run_dir), "--model_name_or_path", "builtin:micro-llama",
-                     "--data.train_size", "64", "--data.eval_size", "8", "--micro_batch_size", "2",
-                     "--checksum_base", "true"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    adapters = load_file(run_dir / "adapter_model.safetensors")
-    assert all(t.abs().max() > 0 for k, t in adapters.items() if k.endswith(("lora_B", "lora_P")))  # trained
-    model = rebuilt_adapted_model(run_dir)
-    assert base_checksum(model) == json.loads((run_dir / "summary.json").read_text())["base_sha256"]
-    tokens = tokens_for(model.config.vocab_size)
-    expected = logits_of(model, tokens)
-    merged = export(run_dir, tmp_path / "merged", "merged", "float32")
-    assert rel_err(logits_of(load_merged(merged), tokens), expected) < 1e-5
-    peft_out = export(run_dir, tmp_path / "peft", "peft")
-    assert rel_err(logits_of(load_peft(peft_out), tokens), expected) < 1e-5
+def test_runs_of_every_method_at_zero2_and_zero3_export_exactly(invariance_runs, tmp_path):
+    """Real 2-rank fp32 runs (tests/scripts/invariance.py) of each method at ZeRO-2 and ZeRO-3:
+    merged and PEFT exports against the adapted model rebuilt from the run folder."""
+    runs = invariance_runs(2)
+    for case in ("lora", "dora", "bilora-darts", "bidora-darts", "bilora_sam"):
+        for stage in ("stage2", "stage3"):
+            run_dir = runs / case / stage
+            adapters = load_file(run_dir / "adapter_model.safetensors")
+            assert all(t.abs().max() > 0 for k, t in adapters.items() if k.endswith(("lora_B", "lora_P")))
+            model = rebuilt_adapted_model(run_dir)
+            tokens = tokens_for(model.config.vocab_size)
+            expected = logits_of(model, tokens)
+            merged = export(run_dir, tmp_path / case / stage / "merged", "merged", "float32")
+            assert rel_err(logits_of(load_merged(merged), tokens), expected) < 1e-5, (case, stage)
+            peft_out = export(run_dir, tmp_path / case / stage / "peft", "peft")
+            assert rel_err(logits_of(load_peft(peft_out), tokens), expected) < 1e-5, (case, stage)

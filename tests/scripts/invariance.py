@@ -16,6 +16,8 @@ from ds_bilevel.ds_config import fill_ds_config
 from ds_bilevel.recipe import TrainingRecipe
 
 CASES = {  # name -> settings; shared settings below
+    "lora": {"adapter.method": "lora"},
+    "dora": {"adapter.method": "dora"},
     "bilora-first_order": {"adapter.method": "bilora", "bilevel.hypergrad": "first_order"},
     "bilora-darts": {"adapter.method": "bilora", "bilevel.hypergrad": "darts"},
     "bidora-first_order": {"adapter.method": "bidora", "bilevel.hypergrad": "first_order"},
