@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +26,7 @@ from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import load_model, load_tokenizer
 from ds_bilevel.plot import plot_metrics
 from ds_bilevel.schedule import BatchSource, events, split_d1_d2
-
-logger = logging.getLogger("ds_bilevel")
-
-
-def fp32_value(param: torch.nn.Parameter) -> torch.Tensor:
-    """The full fp32 master value of a (possibly partitioned) trained parameter.
-    A collective under ZeRO: every rank calls it for the same parameters in the same order."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(param)
-    return (value if value is not None else param.detach()).float().cpu().clone()
+from ds_bilevel.zero_access import master_value
 
 
 def base_checksum(model: torch.nn.Module) -> str:
@@ -237,7 +226,8 @@ class TrainingRecipe:
     def _level_values(self) -> dict[Level, dict[str, torch.Tensor]]:
         """The fp32 master value of every adapter parameter, by level (collective)."""
         module = self.engine.module
-        return {level: {name: fp32_value(p) for name, p in named_level_parameters(module, level)} for level in Level}
+        return {level: {name: master_value(p).cpu() for name, p in named_level_parameters(module, level)}
+                for level in Level}
 
     @staticmethod
     def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
