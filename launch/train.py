@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = recipe.save(recipe.train())
     if recipe.rank == 0:
         print_summary(summary)
-        print(json.dumps(summary), file=sys.stderr if os.environ.get("DS_BILEVEL_QUIET") else sys.stdout)
+        print(json.dumps(summary))
     recipe.cleanup()  # ends with a barrier: no collective follows
     from ds_bilevel.distributed import release_shm_buffers
 

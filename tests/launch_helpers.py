@@ -31,9 +31,14 @@ def write_ds_config(folder: Path, stage: int, bf16: bool) -> Path:
     return path
 
 
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment every multi-process test runs in: CPU accelerator, one thread per rank."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def launch(args: list[str], num_ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run launch/train.py through the real `deepspeed` launcher on CPU ranks."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = cpu_env()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
                "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -51,7 +56,7 @@ FAST_ARGS = ["--model_name_or_path", "builtin:micro-llama", "--data.train_size",
 
 def run_script(script: str, out: Path, num_ranks: int) -> None:
     """Run tests/scripts/<script> OUT through the deepspeed launcher on CPU ranks."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port",
                str(free_port()), str(REPO / "tests" / "scripts" / script), str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

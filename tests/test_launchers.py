@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from launch_helpers import REPO, free_port, launch, write_ds_config
+from launch_helpers import REPO, cpu_env, free_port, launch, write_ds_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.launcher
@@ -27,7 +27,7 @@ def test_two_node_run_matches_single_node(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     multi, port = tmp_path / "multi", free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -50,7 +50,7 @@ def test_accelerate_launch_with_its_deepspeed_plugin(tmp_path):
     result = launch(["--ds_config", str(config), *ARGS, "--output_dir", str(reference)])
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "accelerate"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port()), "--deepspeed_config_file", str(config),
                str(REPO / "launch" / "train.py"), "--ds_config", str(config), *ARGS, "--output_dir", str(out)]
@@ -65,10 +65,9 @@ def test_slurm_script_runs_two_nodes(tmp_path):
     """launch/slurm_train.sh with stand-ins for srun and scontrol that start both "nodes" here."""
     config = write_ds_config(tmp_path, 3, bf16=False)
     out = tmp_path / "slurm"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "FAKE_NODES": "node-a node-b",
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "HOSTFILE": str(tmp_path / "hostfile"),
-           "PATH": f"{REPO / 'tests' / 'scripts' / 'fake_slurm'}:{os.environ['PATH']}"}
+    env = cpu_env(FAKE_NODES="node-a node-b", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_ID="7", GPUS_PER_NODE="1",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), HOSTFILE=str(tmp_path / "hostfile"),
+                  PATH=f"{REPO / 'tests' / 'scripts' / 'fake_slurm'}:{os.environ['PATH']}")
     result = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sh"), "--ds_config", str(config), *ARGS,
                              "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
