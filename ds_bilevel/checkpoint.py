@@ -6,15 +6,79 @@ moments (one optimizer, level-tagged groups) at every ZeRO stage. The client sta
 what makes a resume exact: the position in the schedule (the batch order is a pure
 function of it), both levels' learning-rate schedules, the RNG states, the D1/D2 split and
 the losses the summary needs.
+
+Saving is atomic (``save``): DeepSpeed writes into ``<tag>.partial``; only when every rank
+has finished does rank 0 write a manifest of the files and their sizes, rename the folder to
+``<tag>`` and replace ``latest``. A job killed at any moment leaves ``latest`` on a complete
+checkpoint; ``verify`` refuses a truncated or unfinished one with a one-line error. The
+checkpoint folder must be on a filesystem all nodes share (as DeepSpeed's ``latest`` assumes).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
+PARTIAL = ".partial"
+MANIFEST = "ds_bilevel_manifest.json"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write then rename: readers see the old content or the new, never a part."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int) -> Path:
+    """DeepSpeed's save_checkpoint (collective), made atomic as the module docstring says."""
+    import deepspeed.comm as dist
+
+    folder = output_dir / CHECKPOINT_DIR
+    partial, final = folder / (tag_name + PARTIAL), folder / tag_name
+    if rank == 0 and partial.exists():
+        shutil.rmtree(partial)  # left by a job killed while saving
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=partial.name, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
+    if rank == 0:
+        files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
+        write_atomically(partial / MANIFEST, json.dumps({"tag": tag_name, "files": files}))
+        if final.exists():  # the same step saved again (a resume from an older checkpoint)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_atomically(folder / "latest", tag_name)
+    dist.barrier()
+    return final
+
+
+def verify(folder: Path) -> None:
+    """Refuse a checkpoint that an interrupted save or a truncated copy left incomplete."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"resume_from_checkpoint: {folder} is incomplete (no {MANIFEST}: its save was interrupted "
+                         f"or it was not written by ds_bilevel); resume from an earlier checkpoint")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"resume_from_checkpoint: {manifest} is corrupt ({error})") from None
+    for name, size in files.items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            raise ValueError(f"resume_from_checkpoint: {path} is truncated or missing ({actual} bytes, "
+                             f"expected {size}); resume from an earlier checkpoint")
+        if path.suffix == ".pt" and not zipfile.is_zipfile(path):
+            raise ValueError(f"resume_from_checkpoint: {path} is not a readable torch file (corrupt)")
 
 
 def tag(inner_steps: int) -> str:
@@ -26,8 +90,11 @@ def resolve(resume_from: str, output_dir: Path) -> tuple[Path, str]:
     folder holding DeepSpeed's ``latest`` file)."""
     folder = output_dir / CHECKPOINT_DIR if resume_from == "latest" else Path(resume_from)
     if (folder / "latest").is_file():
-        return folder, (folder / "latest").read_text().strip()
+        tag_name = (folder / "latest").read_text().strip()
+        verify(folder / tag_name)
+        return folder, tag_name
     if folder.is_dir() and any(folder.glob("*model_states.pt")):
+        verify(folder)
         return folder.parent, folder.name
     raise ValueError(f"resume_from_checkpoint: {resume_from!r} is not a checkpoint "
                      f"(no 'latest' file in {folder} and no DeepSpeed model states)")

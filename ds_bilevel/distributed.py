@@ -26,3 +26,78 @@ def release_shm_buffers() -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+def init_distributed(timeout_s: int) -> None:
+    """deepspeed.init_distributed with every collective bounded by ``timeout_s``.
+
+    The timeout given to init_distributed reaches only the default group. The groups ZeRO
+    creates afterwards (``dist.new_group`` without a timeout) take torch's module defaults
+    (30 min for gloo, 10 min for NCCL), so a survivor of a dead peer would wait that long
+    in the gradient all-reduce: set those defaults first.
+    """
+    from datetime import timedelta
+
+    import deepspeed
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
+
+
+class Heartbeat:
+    """Names the ranks that stopped: each rank counts up a key in the process group's store
+    every ``interval`` seconds from a daemon thread; a rank whose count no longer moves is dead
+    (killed, out of memory) or frozen. The store lives in rank 0's process, so when it cannot
+    be reached, rank 0 is the one that went away.
+
+    The process group's own timeout (``collective_timeout_s``) bounds how long a collective
+    waits; this only tells the survivors whom to blame.
+    """
+
+    def __init__(self, rank: int, world_size: int, interval: float = 1.0):
+        import threading
+
+        import torch.distributed as torch_dist
+
+        self.rank, self.world_size, self.interval = rank, world_size, interval
+        self.store = torch_dist.distributed_c10d._get_default_store()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="ds_bilevel-heartbeat", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _key(rank: int) -> str:
+        return f"ds_bilevel/heartbeat/{rank}"
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.add(self._key(self.rank), 1)
+            except Exception:  # the store (rank 0) is gone: nothing left to tell
+                return
+
+    def silent_ranks(self) -> list[int]:
+        """The other ranks whose heartbeat did not move over three intervals."""
+        import time
+
+        try:
+            before = [self.store.add(self._key(r), 0) for r in range(self.world_size)]
+            time.sleep(3 * self.interval)
+            after = [self.store.add(self._key(r), 0) for r in range(self.world_size)]
+        except Exception:
+            return [0] if self.rank != 0 else []
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def failure_line(rank: int, error: BaseException, heartbeat: Heartbeat | None) -> str:
+    """One line for a rank whose run failed: which peers went silent, and the error's first line."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    silent = heartbeat.silent_ranks() if heartbeat is not None else []
+    blame = (f"rank(s) {silent} stopped responding (killed, out of memory or frozen); "
+             if silent else "")
+    return f"rank {rank}: {blame}{type(error).__name__}: {first} (see docs/failures.md)"

@@ -15,19 +15,45 @@ import torch
 from ds_bilevel.levels import Level
 
 
+def all_ranks_finite(tensors: list[torch.Tensor], also: bool = True) -> bool:
+    """True when every tensor is finite on every rank (and ``also``). Collective when a process
+    group exists: under ZeRO each rank holds only a partition of the gradients, and all ranks
+    must agree to skip."""
+    local = also and all(bool(torch.isfinite(t).all()) for t in tensors)
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return local
+    import deepspeed.comm as dist
+
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if device.type == "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
 class LevelStepMixin:
     """``step`` moves only the param groups whose "level" is in ``active_levels``.
 
     With no active level a step moves nothing: the engine uses that to close a DeepSpeed
-    accumulation cycle that only measured gradients.
+    accumulation cycle that only measured gradients. A step whose gradients are not finite
+    on some rank, or whose loss the engine marked non-finite (``loss_is_finite``), moves
+    nothing either - weights and Adam moments stay as they were - and sets ``skipped``.
     """
 
     active_levels: frozenset[str] = frozenset({Level.INNER.value})
+    loss_is_finite: bool = True
+    skipped: bool = False
 
     @torch.no_grad()
     def step(self, closure=None):
         all_groups = self.param_groups
-        self.param_groups = [g for g in all_groups if g["level"] in self.active_levels]
+        active = [g for g in all_groups if g["level"] in self.active_levels]
+        grads = [p.grad for g in active for p in g["params"] if p.grad is not None]
+        self.skipped = bool(active) and not all_ranks_finite(grads, also=self.loss_is_finite)
+        if self.skipped:
+            return None
+        self.param_groups = active
         try:
             return super().step(closure)
         finally:
