@@ -160,8 +160,14 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad flag is a ValueError like any bad setting: one line, exit code 2 (launch/train.py)."""
+        raise ValueError(f"{message}; see --help for the settings")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="ds_bilevel training", argument_default=argparse.SUPPRESS)
+    parser = _Parser(description="ds_bilevel training", argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of settings; command-line flags override it")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     types = flat_field_types()

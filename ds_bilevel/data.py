@@ -80,32 +80,46 @@ def load_records(dataset: str, config: DataConfig, seed: int):
     return parts["train"], parts["test"]
 
 
-def read_file_or_hub(dataset: str, config: DataConfig):
-    """A local JSON/JSONL/CSV/Parquet file, or a hub dataset name, as prompt/response records."""
+def read_file_or_hub(dataset: str, config: DataConfig, setting: str = "dataset"):
+    """A local JSON/JSONL/CSV/Parquet file, or a hub dataset name, as prompt/response records.
+    Errors are one line naming ``setting`` (the setting that gave ``dataset``)."""
+    from functools import partial
+
     from datasets import load_dataset
 
     path = Path(dataset)
     if path.suffix in FILE_LOADERS:
         if not path.is_file():
-            raise ValueError(f"dataset: file {dataset!r} does not exist")
-        records = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+            raise ValueError(f"{setting}: file {dataset!r} does not exist")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{setting}: file {dataset!r} is empty; allowed: a file holding examples")
+        load = partial(load_dataset, FILE_LOADERS[path.suffix], data_files=str(path), split="train")
     elif "/" in dataset and not path.exists():  # owner/name on the hub (needs network access)
-        records = load_dataset(dataset, split=config.hub_split)
+        load = partial(load_dataset, dataset, split=config.hub_split)
     else:
-        raise ValueError(f"dataset: {dataset!r} is neither a builtin ({sorted(BUILTIN_DATASETS)}), a file ending "
+        raise ValueError(f"{setting}: {dataset!r} is neither a builtin ({sorted(BUILTIN_DATASETS)}), a file ending "
                          f"in {sorted(FILE_LOADERS)}, nor a hub name owner/name")
-    return to_prompt_response(records, config, dataset)
+    try:
+        records = load()
+    except Exception as error:  # datasets raises StopIteration, ArrowInvalid, DatasetGenerationError, ...
+        while error.__cause__ is not None:  # the parser's own message is the useful one
+            error = error.__cause__
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{setting}: cannot read {dataset!r} ({type(error).__name__}: {detail}); "
+                         f"allowed: a {path.suffix or 'hub'} dataset holding examples") from None
+    return to_prompt_response(records, config, dataset, setting)
 
 
-def to_prompt_response(records, config: DataConfig, source: str):
+def to_prompt_response(records, config: DataConfig, source: str, setting: str = "dataset"):
     """Check the configured fields exist and map them to ``prompt`` / ``response`` columns."""
-    fields = ((config.prompt_field, config.response_field) if config.format == "instruction"
-              else (config.text_field, config.label_field))
-    missing = [f for f in fields if f not in records.column_names]
-    if missing:
-        raise ValueError(f"data: field(s) {missing} not in {source}; its fields are {records.column_names}")
+    keys = ("prompt_field", "response_field") if config.format == "instruction" else ("text_field", "label_field")
+    fields = tuple(getattr(config, key) for key in keys)
+    for key, value in zip(keys, fields, strict=True):
+        if value not in records.column_names:
+            raise ValueError(f"data.{key}: {value!r} is not a field of {source}; its fields are "
+                             f"{records.column_names}")
     if len(records) == 0:
-        raise ValueError(f"dataset: {source} holds no example")
+        raise ValueError(f"{setting}: {source} holds no example")
     names = config.label_names
 
     def convert(example):
@@ -121,7 +135,7 @@ def to_prompt_response(records, config: DataConfig, source: str):
 
 def load_validation(config: DataConfig):
     """The explicit D2 file's records, or None when D2 is a share of the training data."""
-    return read_file_or_hub(config.validation_file, config) if config.validation_file else None
+    return read_file_or_hub(config.validation_file, config, "data.validation_file") if config.validation_file else None
 
 
 def tokenize(records, tokenizer, config: DataConfig):

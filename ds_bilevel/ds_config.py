@@ -36,7 +36,9 @@ def fill_ds_config(ds_config: dict, run: RunConfig, world_size: int) -> dict:
         if given == "auto":
             filled[key] = value
         elif given != value:
-            raise ValueError(f"ds_config: {key} = {given} disagrees with the run's value {value}; "
+            origin = (f" (micro_batch_size {run.micro_batch_size} x gradient_accumulation_steps "
+                      f"{run.gradient_accumulation_steps} x {world_size} rank(s))" if key == "train_batch_size" else "")
+            raise ValueError(f"ds_config: {key} = {given} disagrees with the run's value {value}{origin}; "
                              f"set it to \"auto\" or make them equal")
     stage = filled.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):

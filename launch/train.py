@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 from ds_bilevel.config import RunConfig, load_config  # noqa: E402
-from ds_bilevel.ds_config import fill_ds_config, read_ds_config  # noqa: E402
+from ds_bilevel.validation import check_run, checked_ds_config  # noqa: E402
 
 
 def check_output_dir(run: RunConfig) -> None:
@@ -41,10 +41,12 @@ def check_output_dir(run: RunConfig) -> None:
 
 
 def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
+    """Every check of ds_bilevel/validation.py, before any process group starts; writes nothing."""
     run = load_config(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = fill_ds_config(read_ds_config(run.ds_config), run, world_size)
+    ds_config = checked_ds_config(run, world_size)
     check_output_dir(run)
+    check_run(run, world_size)
     return run, ds_config
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, ds_config = validated_settings(argv)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
     from ds_bilevel.recipe import TrainingRecipe
 

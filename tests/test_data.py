@@ -47,7 +47,7 @@ def test_collate_pads_right():
 def test_local_jsonl_file_and_missing_field(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"q{i}", "response": f"a{i}"}) for i in range(20)))
-    expected = r"data: field\(s\) \['prompt'\] not in .*; its fields are \['question', 'response'\]"
+    expected = r"data.prompt_field: .prompt. is not a field of .*; its fields are \['question', 'response'\]"
     with pytest.raises(ValueError, match=expected):
         load_records(str(path), DataConfig(eval_size=4), seed=0)
     train, evaluation = load_records(str(path), DataConfig(eval_size=4, prompt_field="question"), seed=0)
@@ -69,7 +69,7 @@ def test_csv_classification_with_label_names(tmp_path):
     train, evaluation = load_records(str(path), config, seed=0)
     rows = {r["prompt"]: r["response"] for r in [*train, *evaluation]}
     assert rows["movie number 3 was fine"] == "positive" and rows["movie number 4 was fine"] == "negative"
-    with pytest.raises(ValueError, match=r"data: field\(s\) \['text'\] not in"):
+    with pytest.raises(ValueError, match=r"data.text_field: .text. is not a field of"):
         load_records(str(path), DataConfig(format="classification", eval_size=2), seed=0)
 
 

@@ -33,6 +33,19 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
     config.validate()
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError("model already holds adapter layers; inject into a fresh base model")
+    names = target_layer_names(model, config)
+    model.requires_grad_(False)
+    for name in names:
+        _set_submodule(model, name, METHODS[config.method].from_config(model.get_submodule(name), config))
+    return names
+
+
+def target_layer_names(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The nn.Linear layers ``config`` adapts, in model order, after checking that every target
+    matches a layer and every rank fits every layer. Reads only shapes: the launcher runs it on
+    a model built on the meta device before any process group starts (ds_bilevel.validation)."""
+    from ds_bilevel.adapters import METHODS
+
     layer_cls = METHODS[config.method]
     linears = linear_layer_names(model)
     chosen = {t: [n for n in linears if _matches(n, t)] for t in config.target_modules}
@@ -42,16 +55,13 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         raise ValueError(f"adapter.target_modules: {missing} match no linear layer; "
                          f"the model's linear layers are named {short}")
     names = sorted({n for names in chosen.values() for n in names}, key=linears.index)
-    for name in names:
-        base = model.get_submodule(name)
-        for field_name, rank in layer_cls.rank_fields(config).items():
-            if min(base.in_features, base.out_features) < rank:
-                raise ValueError(f"adapter.{field_name}: {rank} exceeds layer {name} "
-                                 f"({base.out_features} x {base.in_features}); use at most "
-                                 f"{min(base.in_features, base.out_features)}")
-    model.requires_grad_(False)
-    for name in names:
-        _set_submodule(model, name, layer_cls.from_config(model.get_submodule(name), config))
+    fits = {n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+    smallest = min(names, key=fits.__getitem__)  # the bound for every targeted layer
+    for field_name, rank in layer_cls.rank_fields(config).items():
+        if rank > fits[smallest]:
+            layer = model.get_submodule(smallest)
+            raise ValueError(f"adapter.{field_name}: {rank} exceeds layer {smallest} ({layer.out_features} x "
+                             f"{layer.in_features}); use at most {fits[smallest]}, the smallest targeted layer's size")
     return names
 
 

@@ -1,0 +1,186 @@
+"""Every bad input stops launch/train.py before any process group: one line naming the setting,
+exit code 2, the output folder untouched. In-process through train.py's main(), and through
+the real deepspeed launcher where the world size or the ranks matter."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+
+import pytest
+from launch_helpers import REPO, launch
+
+MICRO = ["--model_name_or_path", "builtin:micro-llama"]  # hidden 64, k/v projections 64 -> 32
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the default ds_config path is relative to the repository
+
+    def no_training(*_):
+        raise AssertionError("validation passed: the run would have started")
+
+    monkeypatch.setattr("ds_bilevel.recipe.TrainingRecipe", no_training)
+
+
+@pytest.fixture(scope="module")
+def train_main():
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def jsonl(path, rows: int, **fields) -> str:
+    fields = fields or {"prompt": "q{i}", "response": "a{i}"}
+    path.write_text("\n".join(json.dumps({k: v.format(i=i) for k, v in fields.items()}) for i in range(rows)))
+    return str(path)
+
+
+def ds_config(path, **changes) -> str:
+    config = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        section = config
+        for key in parents:
+            section = section.setdefault(key, {})
+        section[leaf] = value
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def hf_folder(path) -> str:
+    """A model folder holding only config.json (validation never reads weights)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=100).save_pretrained(path)
+    return str(path)
+
+
+# (case id, the setting the line must start with, argv builder given a tmp folder)
+CASES = [
+    ("method", "adapter.method", lambda t: ["--method", "qlora"]),
+    ("hypergrad", "bilevel.hypergrad", lambda t: ["--hypergrad", "newton"]),
+    ("split-ratio-one", "bilevel.split_ratio", lambda t: ["--split_ratio", "1.0"]),
+    ("unroll-zero", "bilevel.unroll_steps", lambda t: ["--unroll_steps", "0"]),
+    ("unroll-past-max-steps", "bilevel.unroll_steps",
+     lambda t: ["--method", "bidora", "--max_steps", "3", "--unroll_steps", "5"]),
+    ("unknown-flag", "unrecognized arguments: --max_stepz", lambda t: ["--max_stepz", "3"]),
+    ("flag-type", "argument --max_steps: invalid int value", lambda t: ["--max_steps", "ten"]),
+    ("rank-above-layer", "adapter.rank", lambda t: [*MICRO, "--adapter.rank", "100"]),
+    ("aux-rank-above-layer", "adapter.aux_rank",
+     lambda t: [*MICRO, "--method", "bilora_sam", "--adapter.aux_rank", "65"]),
+    ("target-missing", "adapter.target_modules", lambda t: [*MICRO, "--adapter.target_modules", "q_proj,c_attn"]),
+    ("hf-folder-rank", "adapter.rank", lambda t: ["--model_name_or_path", hf_folder(t / "m"), "--adapter.rank", "20"]),
+    ("model-path-missing", "model_name_or_path", lambda t: ["--model_name_or_path", str(t / "nope")]),
+    ("builtin-unknown", "model_name_or_path", lambda t: ["--model_name_or_path", "builtin:gpt5"]),
+    ("dataset-missing", "dataset", lambda t: ["--dataset", str(t / "missing.jsonl")]),
+    ("dataset-empty-file", "dataset", lambda t: ["--dataset", write(t / "e.jsonl", "")]),
+    ("dataset-malformed", "dataset", lambda t: ["--dataset", write(t / "b.jsonl", '{"prompt": 1\n')]),
+    ("csv-header-only", "dataset", lambda t: ["--dataset", write(t / "h.csv", "prompt,response\n")]),
+    ("field-missing", "data.prompt_field",
+     lambda t: [*MICRO, "--dataset", jsonl(t / "d.jsonl", 40, question="q{i}", response="a{i}")]),
+    ("eval-takes-all", "data.eval_size",
+     lambda t: [*MICRO, "--dataset", jsonl(t / "d.jsonl", 10), "--data.eval_size", "10"]),
+    ("batch-above-training-set", "micro_batch_size",
+     lambda t: [*MICRO, "--dataset", jsonl(t / "d.jsonl", 40), "--data.eval_size", "8", "--micro_batch_size", "20"]),
+    ("batch-above-d2", "micro_batch_size",
+     lambda t: [*MICRO, "--method", "bidora", "--data.train_size", "100", "--micro_batch_size", "16"]),
+    ("split-empties-d2", "bilevel.split_ratio",
+     lambda t: [*MICRO, "--method", "bilora", "--data.train_size", "10", "--split_ratio", "0.99"]),
+    ("batch-above-d2-file", "micro_batch_size",
+     lambda t: [*MICRO, "--method", "bidora", "--data.validation_file", jsonl(t / "d2.jsonl", 5)]),
+    ("d2-file-one-level", "data.validation_file", lambda t: ["--data.validation_file", jsonl(t / "d2.jsonl", 50)]),
+    ("d2-file-missing", "data.validation_file", lambda t: ["--data.validation_file", str(t / "none.jsonl")]),
+    ("label-names-instruction", "data.label_names", lambda t: ["--data.label_names", "no,yes"]),
+    ("label-without-name", "data.label_names",
+     lambda t: [*MICRO, "--dataset", write(t / "c.csv", "text,label\n" + "t,2\n" * 30), "--data.format",
+                "classification", "--data.label_names", "no,yes"]),
+    ("ds-train-batch-size", "ds_config", lambda t: ["--ds_config", ds_config(t / "c.json", train_batch_size=64)]),
+    ("ds-fp16-and-bf16", "ds_config", lambda t: ["--ds_config", ds_config(t / "c.json", fp16__enabled=True)]),
+    ("ds-offload-stage-0", "ds_config", lambda t: ["--ds_config", ds_config(
+        t / "c.json", zero_optimization__stage=0, zero_optimization__offload_optimizer={"device": "cpu"})]),
+    ("ds-offload-param-stage-2", "ds_config", lambda t: ["--ds_config", ds_config(
+        t / "c.json", zero_optimization__offload_param={"device": "cpu"})]),
+    ("ds-auto-unfilled", "ds_config",
+     lambda t: ["--ds_config", ds_config(t / "c.json", zero_optimization__reduce_bucket_size="auto")]),
+    ("ds-section-not-object", "ds_config", lambda t: ["--ds_config", ds_config(t / "c.json", bf16=True)]),
+    ("ds-optimizer-section", "ds_config",
+     lambda t: ["--ds_config", ds_config(t / "c.json", optimizer={"type": "Adam"})]),
+    ("ds-not-json", "ds_config", lambda t: ["--ds_config", write(t / "c.json", "{stage: 2")]),
+]
+
+
+@pytest.mark.parametrize(("setting", "build"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(train_main, tmp_path, capsys, setting, build):
+    out = tmp_path / "out"
+    code = train_main([*build(tmp_path), "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2, captured.err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {setting}"), lines
+    assert not out.exists()
+
+
+def folder_digest(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def existing_run(tmp_path):
+    """An output folder that holds a run and a checkpoint marker, as a resumed run finds it."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step2").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step2")
+    (out / "checkpoints" / "step2" / "ds_bilevel_manifest.json").write_text('{"tag": "step2", "files": {}}')
+    (out / "sentinel.txt").write_text("untouched")
+    return out, folder_digest(out)
+
+
+@pytest.mark.parametrize(("argv", "setting"), [
+    ([], "output_dir"),  # a non-empty folder without --resume or --overwrite
+    (["--resume_from_checkpoint", "missing"], "resume_from_checkpoint"),
+    (["--resume_from_checkpoint", "latest", "--adapter.rank", "100", *MICRO], "adapter.rank"),
+], ids=["non-empty", "no-checkpoint", "resume-bad-rank"])
+def test_existing_output_folder_stays_byte_identical(train_main, tmp_path, capsys, argv, setting):
+    out, before = existing_run(tmp_path)
+    assert train_main([*argv, "--output_dir", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {setting}: ")
+    assert folder_digest(out) == before
+
+
+def launcher_errors(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.launcher
+def test_launcher_counts_every_rank_in_the_global_batch(tmp_path):
+    """4 x 2 x 1 rank = 8 fits 12 examples; 4 x 2 x 2 ranks = 16 does not: only the launched run
+    knows the world size. Each rank prints the same line; the launcher exits 2; nothing written."""
+    out = tmp_path / "never"
+    result = launch([*MICRO, "--dataset", jsonl(tmp_path / "d.jsonl", 20), "--data.eval_size", "8",
+                     "--micro_batch_size", "4", "--output_dir", str(out)], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = launcher_errors(result)
+    assert len(errors) == 2 and len(set(errors)) == 1, errors
+    assert errors[0].startswith("error: micro_batch_size: 4 x gradient_accumulation_steps 2 x 2 rank(s) = 16")
+    assert not out.exists()
+
+
+@pytest.mark.launcher
+def test_launcher_resume_with_bad_data_leaves_the_run_folder_identical(tmp_path):
+    out, before = existing_run(tmp_path)
+    result = launch([*MICRO, "--dataset", jsonl(tmp_path / "d.jsonl", 40, question="q{i}", response="a{i}"),
+                     "--resume_from_checkpoint", "latest", "--output_dir", str(out)], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = launcher_errors(result)
+    assert len(errors) == 2 and errors[0].startswith("error: data.prompt_field: 'prompt' is not a field of"), errors
+    assert "its fields are ['question', 'response']" in errors[0]
+    assert folder_digest(out) == before
