@@ -1,6 +1,6 @@
 """Per-GPU memory estimate of a ds_bilevel run under ZeRO-3, from the model's shapes.
 
-    python bench/memory_estimate.py            # the table in docs/usage.md ("LLaMA-scale")
+    python -m bench memory_estimate            # the table in docs/usage.md ("LLaMA-scale")
 
 Counted (bytes per GPU, N GPUs, bf16 compute, activation checkpointing, micro batch b,
 sequence T):
@@ -53,10 +53,14 @@ def estimate(name, gpus, micro=1, seq=2048, rank=16, max_live=1e9):
             "total": (base + adapters + live + activations) / GB}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     print("| model | GPUs | params | LoRA r=16 params | base | adapters + hypergrad | gathered | activations | total |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, gpus in [("llama-2-7b", 8), ("llama-3-8b", 8), ("llama-3-70b", 8), ("llama-3-70b", 32)]:
         e = estimate(name, gpus)
         print(f"| {name} | {gpus} | {e['params_B']:.1f}B | {e['adapter_M']:.0f}M | {e['base']:.1f} GB | "
               f"{e['adapters']:.1f} GB | {e['live']:.1f} GB | {e['activations']:.1f} GB | {e['total']:.1f} GB |")
+
+
+if __name__ == "__main__":
+    main()

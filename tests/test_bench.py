@@ -1,0 +1,69 @@
+"""The benchmarks' own logic (no launcher): pass counting, steady-rate arithmetic, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BENCHMARKS
+from bench.common import steady_rate
+from bench.passes import analytic_passes, passes_per_inner_step, passes_per_outer_step
+from ds_bilevel.hypergrad import BilevelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("hypergrad", ["first_order", "darts", "neumann", "cg"])
+@pytest.mark.parametrize("terms", [1, 2, 3])
+def test_counted_outer_passes_match_the_documented_cost(hypergrad, terms):
+    config = BilevelConfig(hypergrad=hypergrad, neumann_terms=terms, cg_steps=terms)
+    assert passes_per_outer_step(config) == config.passes_per_outer_step()
+
+
+@pytest.mark.parametrize("unroll, outer", [(1, 1), (2, 1), (5, 1), (3, 2)])
+def test_passes_per_inner_step_follow_the_schedule(unroll, outer):
+    # design.md: 1 + (T2 / T1) x passes per outer step; darts costs 3 per outer step.
+    config = BilevelConfig(hypergrad="darts", unroll_steps=unroll, outer_steps=outer)
+    assert passes_per_inner_step("bidora", config, inner_steps=30) == pytest.approx(1 + outer / unroll * 3)
+
+
+def test_one_level_and_sharpness_methods_cost_one_pass():
+    assert [analytic_passes(m) for m in ("lora", "dora", "bilora_sam")] == [1.0, 1.0, 1.0]
+    assert analytic_passes("bilora", "first_order", 5) == pytest.approx(1.2)
+
+
+def test_steady_rate_skips_the_warm_up(tmp_path):
+    # 100 tokens per step; the first step takes 5 s, every other 0.5 s.
+    rows, tokens, elapsed = [], 0, 0.0
+    for step in range(1, 31):
+        tokens += 100
+        elapsed += 5.0 if step == 1 else 0.5
+        if step % 10 == 0:
+            rows.append({"step": step, "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed})
+    rows.append({"step": 30, "eval_loss": 1.0})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    rate = steady_rate(path, warmup=10)
+    assert rate["tokens_per_s"] == pytest.approx(200.0)
+    assert rate["s_per_step"] == pytest.approx(0.5)
+    assert rate["timed_steps"] == 20
+
+
+def test_help_lists_every_benchmark():
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert listed == set(BENCHMARKS)
+    assert {"peer", "methods", "zero3_scaling", "scale7b", "h200", "generalisation", "memory_estimate"} <= listed
+
+
+def test_unknown_benchmark_is_refused():
+    result = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "unknown benchmark 'nope'" in result.stderr
