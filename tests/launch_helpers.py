@@ -36,11 +36,12 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def launch(args: list[str], num_ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run launch/train.py through the real `deepspeed` launcher on CPU ranks."""
-    env = cpu_env()
+def launch(args: list[str], num_ranks: int = 2, timeout: int = 600, script: Path = REPO / "launch" / "train.py",
+           **env_extra: str) -> subprocess.CompletedProcess:
+    """Run launch/train.py (or ``script``) through the real `deepspeed` launcher on CPU ranks."""
+    env = cpu_env(**env_extra)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-               "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *args]
+               "--master_port", str(free_port()), str(script), *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

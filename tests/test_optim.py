@@ -33,3 +33,20 @@ def test_schedules():
     cosine = schedule_lambda("cosine", total_steps=10, warmup_steps=0)
     assert abs(cosine(5) - 0.5) < 1e-9 and cosine(10) < 1e-12
     assert schedule_lambda("constant", 10, 0)(9) == 1.0
+
+
+def test_a_nonfinite_gradient_or_loss_skips_the_step_entirely():
+    weights = torch.nn.Parameter(torch.ones(3))
+    optimizer = LevelAdamW(build_param_groups({Level.INNER: [weights]}, lr={Level.INNER: 0.1},
+                                              weight_decay={Level.INNER: 0.5}))
+    optimizer.active_levels = {Level.INNER.value}
+    weights.grad = torch.tensor([1.0, float("nan"), 1.0])
+    optimizer.step()
+    assert optimizer.skipped and torch.equal(weights, torch.ones(3)) and not optimizer.state[weights]
+    weights.grad = torch.ones(3)
+    optimizer.loss_is_finite = False  # the engine's verdict on the loss
+    optimizer.step()
+    assert optimizer.skipped and torch.equal(weights, torch.ones(3))
+    optimizer.loss_is_finite = True
+    optimizer.step()
+    assert not optimizer.skipped and optimizer.state[weights]["step"] == 1  # the first real step
