@@ -1,14 +1,17 @@
 """Datasets, tokenisation and a world-size-independent batch order.
 
-Two formats, both trained as causal language modelling with the loss on the answer only
-(labels are -100 on the prompt and on padding):
+Two formats:
 
 - ``instruction``: a prompt field and a response field; with the tokenizer's chat template
-  when it has one (the prompt as a user turn, the response as the assistant's answer);
-- ``classification``: a text field and a label field (GLUE-style); the label is written
-  out as a word (``label_names``) and predicted as the answer, so accuracy is the exact
-  match of that word. Decoder models only: encoder models with a classification head are
-  not supported by this release.
+  when it has one (the prompt as a user turn, the response as the assistant's answer).
+  Trained as causal language modelling with the loss on the answer only (labels are -100
+  on the prompt and on padding);
+- ``classification``: a text field and a label field (GLUE-style), with encoder or decoder
+  models (the rule is in heads.py). A decoder writes the label out as a word
+  (``label_names``) and predicts it as the answer, so accuracy is the exact match of that
+  word. An encoder gets ``input_ids`` and one class id per example (``labels`` is an int) for
+  its classification head: integer labels are the class ids, string labels are numbered in
+  sorted order (``class_labels``; the run writes the list to labels.json).
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ def read_file_or_hub(dataset: str, config: DataConfig, setting: str = "dataset")
 
 def to_prompt_response(records, config: DataConfig, source: str, setting: str = "dataset"):
     """Check the configured fields exist and map them to ``prompt`` / ``response`` columns."""
-    keys = ("prompt_field", "response_field") if config.format == "instruction" else ("text_field", "label_field")
+    instruction = config.format == "instruction"
+    keys = ("prompt_field", "response_field") if instruction else ("text_field", "label_field")
     fields = tuple(getattr(config, key) for key in keys)
     for key, value in zip(keys, fields, strict=True):
         if value not in records.column_names:
@@ -128,7 +132,9 @@ def to_prompt_response(records, config: DataConfig, source: str, setting: str = 
             if not 0 <= answer < len(names):
                 raise ValueError(f"data.label_names: label {answer} has no name among {names}")
             answer = names[answer]
-        return {"prompt": str(example[fields[0]]), "response": str(answer)}
+        out = {"prompt": str(example[fields[0]]), "response": str(answer)}
+        # Classification keeps the raw label too: an encoder's class id comes from it (class_labels).
+        return out if instruction else {**out, "label": example[fields[1]]}
 
     return records.map(convert, remove_columns=records.column_names, desc="format")
 
@@ -138,9 +144,45 @@ def load_validation(config: DataConfig):
     return read_file_or_hub(config.validation_file, config, "data.validation_file") if config.validation_file else None
 
 
-def tokenize(records, tokenizer, config: DataConfig):
-    """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets."""
+def class_labels(config: DataConfig, *record_sets) -> list[str]:
+    """The class names of an encoder run, index = class id, from the raw labels of every set.
+
+    Integer labels are the ids themselves (0 .. max): named by ``label_names`` or by their
+    digits. String labels are numbered in sorted order, or in ``label_names`` order when given.
+    """
+    raw = {label for records in record_sets if records is not None for label in records["label"]}
+    if all(isinstance(label, int) for label in raw):
+        if min(raw) < 0:
+            raise ValueError(f"data.label_field: integer labels must be class ids >= 0; found {min(raw)}")
+        count = max(raw) + 1
+        if config.label_names and len(config.label_names) < count:
+            raise ValueError(f"data.label_names: {config.label_names} names fewer than the {count} classes")
+        return list(config.label_names) or [str(i) for i in range(count)]
+    names = [str(label) for label in raw]
+    if config.label_names:
+        unnamed = sorted(set(names) - set(config.label_names))
+        if unnamed:
+            raise ValueError(f"data.label_names: labels {unnamed} are not among {config.label_names}")
+        return list(config.label_names)
+    return sorted(set(names))
+
+
+def class_id(label, labels: list[str]) -> int:
+    return label if isinstance(label, int) else labels.index(str(label))
+
+
+def tokenize(records, tokenizer, config: DataConfig, labels: list[str] | None = None):
+    """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets.
+
+    With ``labels`` (an encoder's class names): input_ids of the text (BOS, text, EOS; cut to
+    ``max_length``) and ``labels`` = the example's class id, an int."""
     eos = tokenizer.eos_token_id
+    if labels is not None:
+        def encode_class(example):
+            ids = tokenizer(example["prompt"]).input_ids + [eos]
+            return {"input_ids": ids[: config.max_length], "labels": class_id(example["label"], labels)}
+
+        return records.map(encode_class, remove_columns=records.column_names, desc="tokenize")
     use_template = config.format == "instruction" and config.chat_template and bool(tokenizer.chat_template)
 
     def encode(example):
@@ -158,17 +200,29 @@ def tokenize(records, tokenizer, config: DataConfig):
     return records.map(encode, remove_columns=records.column_names, desc="tokenize")
 
 
+def labelled_count(labels: int | list[int]) -> int:
+    """What one example adds to the loss's denominator: its predicted (shifted) labelled tokens,
+    or 1 for a class label."""
+    if isinstance(labels, int):
+        return int(labels != IGNORE_INDEX)
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the micro-batch."""
+    """Right-pad to the longest example of the micro-batch. Class labels (ints) become a (B,) tensor."""
     length = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    classes = isinstance(examples[0]["labels"], int)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
+        if not classes:
+            labels[i, :n] = torch.tensor(e["labels"])
         attention_mask[i, :n] = 1
+    if classes:
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

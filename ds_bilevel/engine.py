@@ -17,15 +17,14 @@ backward goes through the DeepSpeed engine, so ZeRO gathers, reduces and partiti
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
 from ds_bilevel.config import RunConfig
-from ds_bilevel.data import IGNORE_INDEX
 from ds_bilevel.ds_config import offloads_optimizer, zero_stage
 from ds_bilevel.hypergrad import HYPERGRADS, Objective
 from ds_bilevel.levels import Level, adapter_layers, level_parameters, set_regularization
+from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import LevelScheduler, build_optimizer, build_param_groups
 from ds_bilevel.schedule import Batch, outer_step_count
 from ds_bilevel.zero_access import full_grad, master_value, set_grad, set_master_value, write_compute_weight
@@ -33,12 +32,6 @@ from ds_bilevel.zero_access import full_grad, master_value, set_grad, set_master
 # The regularisers each objective includes: R1 (and BiDoRA's direction term) belong to the
 # inner objective, the binary lambda penalty R2 to the outer one.
 OBJECTIVE_LEVEL = {Objective.INNER: Level.INNER, Objective.OUTER: Level.OUTER}
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions, in fp32. logits (B, T, V)."""
-    shifted = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    return F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def training_mode(model: torch.nn.Module) -> str:
@@ -92,14 +85,15 @@ class BilevelEngine:
         """This micro-batch's share of the global-batch mean loss, scaled for DeepSpeed.
 
         DeepSpeed divides by the accumulation steps and averages gradients over ranks;
-        multiplying by (world x accumulation) / global tokens undoes both, so a pass's
-        gradient is the token mean over the whole global batch, however it is split across
-        ranks and micro-steps (world-size invariance).
+        multiplying by (world x accumulation) / global count undoes both, so a pass's
+        gradient is the mean over the whole global batch, however it is split across ranks and
+        micro-steps (world-size invariance). The count is labelled tokens, or examples for a
+        classifier (``labelled_tokens`` of the batch; the loss itself is ``losses.loss_sum``).
         """
         device = self.engine.device
         logits = self.engine(input_ids=batch["input_ids"].to(device),
                              attention_mask=batch["attention_mask"].to(device)).logits
-        summed = token_loss_sum(logits, batch["labels"].to(device))
+        summed = loss_sum(logits, batch["labels"].to(device))
         return summed * (self.world_size * self.accumulation / labelled_tokens), summed.item()
 
     def _run_pass(self, objective: Objective) -> None:

@@ -1,9 +1,10 @@
-"""Distributed evaluation: response-token loss and exact match, reduced over ranks.
+"""Distributed evaluation: the loss and the share of right answers, reduced over ranks.
 
-Exact match is measured by teacher forcing: an example is right when the argmax
-at every response position (end-of-sequence included) is the reference token.
-That is exactly when greedy decoding would produce the reference answer, and it
-costs one forward instead of a generate loop.
+A causal LM is scored on its response tokens: exact match, measured by teacher forcing
+(an example is right when the argmax at every response position, end-of-sequence
+included, is the reference token). That is exactly when greedy decoding would produce the
+reference answer, and it costs one forward instead of a generate loop. A classifier (class
+labels) is scored by accuracy: the argmax class is the label.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 
 from ds_bilevel.data import IGNORE_INDEX, collate
-from ds_bilevel.engine import token_loss_sum
+from ds_bilevel.losses import is_classification, loss_sum, predictions_right
 
 
 def rank_shard(num_examples: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
@@ -28,26 +29,28 @@ def rank_shard(num_examples: int, rank: int, world_size: int, batch_size: int) -
 
 @torch.no_grad()
 def evaluate(engine, dataset, pad_id: int, batch_size: int) -> dict[str, float]:
-    """{'eval_loss': mean response-token loss, 'eval_exact_match': share of exact answers}."""
+    """{'eval_loss': mean loss per labelled token (per example for a classifier), and
+    'eval_exact_match' (token labels) or 'eval_accuracy' (class labels): the share of right answers}."""
     import deepspeed.comm as dist
 
     module = engine.engine
     module.eval()
     rank, world = dist.get_rank(), dist.get_world_size()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, exact, examples
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, labelled count, right, examples
+    classes = is_classification(collate([dataset[0]], pad_id)["labels"])
     for indices in rank_shard(len(dataset), rank, world, batch_size):
         valid = torch.tensor([i >= 0 for i in indices])
         batch = collate([dataset[max(i, 0)] for i in indices], pad_id)
-        labels = batch["labels"].masked_fill(~valid[:, None], IGNORE_INDEX)
+        labels = batch["labels"].masked_fill(~(valid if classes else valid[:, None]), IGNORE_INDEX)
         logits = module(input_ids=batch["input_ids"].to(module.device),
                         attention_mask=batch["attention_mask"].to(module.device)).logits.float().cpu()
-        target = labels[:, 1:]
-        mask = target != IGNORE_INDEX
-        exact = ((logits[:, :-1].argmax(-1) == target) | ~mask).all(dim=1) & valid
-        totals += torch.tensor([token_loss_sum(logits, labels).item(), mask.sum().item(),
-                                exact.sum().item(), valid.sum().item()], dtype=torch.float64)
+        counted = labels if classes else labels[:, 1:]
+        right = predictions_right(logits, labels) & valid
+        totals += torch.tensor([loss_sum(logits, labels).item(), (counted != IGNORE_INDEX).sum().item(),
+                                right.sum().item(), valid.sum().item()], dtype=torch.float64)
     reduced = totals.to(module.device)
     dist.all_reduce(reduced)
-    loss_sum, tokens, exact, examples = reduced.tolist()
+    summed, count, right, examples = reduced.tolist()
     module.train()
-    return {"eval_loss": loss_sum / max(tokens, 1), "eval_exact_match": exact / max(examples, 1)}
+    return {"eval_loss": summed / max(count, 1),
+            "eval_accuracy" if classes else "eval_exact_match": right / max(examples, 1)}

@@ -4,8 +4,12 @@ Every adapter declares which of its parameters belong to which level through
 ``AdapterLayer.level_parameters()``; nothing in the project finds a level by
 matching parameter names.
 
+Besides adapter layers, whole modules can be given a level with ``assign_level`` (an
+encoder's classification head): their parameters carry the level as a tag.
+
 - ``Level.INNER``: the lower level (LoRA A/B, BiLoRA P/Q, BiDoRA direction,
-  Bi-LoRA primary module). Trained on D1 (or on all data for one-level methods).
+  Bi-LoRA primary module, a classification head). Trained on D1 (or on all data for
+  one-level methods).
 - ``Level.OUTER``: the upper level (BiLoRA lambda, BiDoRA magnitude). For
   Bi-LoRA the auxiliary ascent module plays this role.
 """
@@ -23,6 +27,21 @@ class Level(str, Enum):
     OUTER = "outer"
 
 
+# The attribute that tags a parameter outside adapter layers with its level (``assign_level``).
+LEVEL_TAG = "ds_bilevel_level"
+
+
+def assign_level(module: nn.Module, level: Level) -> None:
+    """Make every parameter of ``module`` trainable at ``level`` (a task head trained whole)."""
+    for param in module.parameters():
+        param.requires_grad_(True)
+        setattr(param, LEVEL_TAG, level)
+
+
+def is_tagged(param: nn.Parameter) -> bool:
+    return hasattr(param, LEVEL_TAG)
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All adapter layers of ``model`` with their qualified names, in module order."""
     from ds_bilevel.adapters.base import AdapterLayer
@@ -31,12 +50,13 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def named_level_parameters(model: nn.Module, level: Level) -> list[tuple[str, nn.Parameter]]:
-    """(qualified name, parameter) of every adapter parameter of ``level``."""
+    """(qualified name, parameter) of every adapter parameter of ``level``, then every parameter
+    tagged with ``level`` by ``assign_level``."""
     out = []
     for layer_name, layer in adapter_layers(model):
         for local_name, param in layer.level_parameters(level):
             out.append((f"{layer_name}.{local_name}", param))
-    return out
+    return out + [(name, p) for name, p in model.named_parameters() if getattr(p, LEVEL_TAG, None) == level]
 
 
 def level_parameters(model: nn.Module, level: Level) -> list[nn.Parameter]:

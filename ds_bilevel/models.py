@@ -1,4 +1,5 @@
-"""Model and tokenizer loading: the builtin tiny LLaMA, or an HF folder."""
+"""Model and tokenizer loading: a builtin model, or an HF folder; a causal LM, or an encoder
+with a sequence-classification head (the rule is in heads.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ds_bilevel.builtin.model import build_builtin_model, is_builtin
+from ds_bilevel.builtin.model import build_builtin_model, builtin_names, is_builtin, is_builtin_encoder
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -25,13 +26,67 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def is_encoder_model(name: str, trust_remote_code: bool = False) -> bool:
+    """Whether ``name`` is trained as an encoder with a classification head (heads.is_encoder)."""
+    if is_builtin(name):
+        if name not in builtin_names():
+            raise ValueError(f"model_name_or_path: unknown builtin {name!r}; builtins are {builtin_names()}")
+        return is_builtin_encoder(name)
+    if not (Path(name) / "config.json").is_file():
+        raise ValueError(f"model_name_or_path: {name!r} is neither a builtin nor a folder with config.json")
+    from transformers import AutoConfig
+
+    from ds_bilevel.heads import is_encoder
+
+    return is_encoder(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code))
+
+
+def encoder_labels(name: str, trust_remote_code: bool, data, *record_sets) -> list[str] | None:
+    """An encoder's class names (``data.class_labels`` over ``record_sets``), or None for a causal LM.
+    ``data`` is the run's DataConfig: an encoder trains on classification data only."""
+    if not is_encoder_model(name, trust_remote_code):
+        return None
+    if data.format != "classification":
+        raise ValueError(f"data.format: {data.format!r} needs a causal LM, but {name} is an encoder (heads.py); "
+                         f"allowed with it: classification")
+    from ds_bilevel.data import class_labels
+
+    return class_labels(data, *record_sets)
+
+
+def encoder_skeleton(name: str, trust_remote_code: bool = False):
+    """An encoder's model with its head on the meta device (shapes only, no weights), or None when
+    ``name`` is not an encoder (or not a model at all: the causal-LM checks report that)."""
+    from accelerate import init_empty_weights
+
+    try:
+        if not is_encoder_model(name, trust_remote_code):
+            return None
+    except ValueError:
+        return None
+    if is_builtin(name):
+        from transformers import RobertaForSequenceClassification
+
+        from ds_bilevel.builtin.model import builtin_roberta_config
+
+        with init_empty_weights():
+            return RobertaForSequenceClassification._from_config(builtin_roberta_config(name, 512, ["0", "1"]))
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+
+
 # transformers reads the ZeRO-3 config from this object while it lives: from_pretrained then
 # builds and loads the model partitioned (deepspeed.zero.Init), never whole on one rank.
 _HF_DEEPSPEED_CONFIG = None
 
 
-def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = False, ds_config: dict | None = None):
-    """The causal LM, in the run's precision (bf16 when the DeepSpeed config enables it).
+def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = False, ds_config: dict | None = None,
+               labels: list[str] | None = None):
+    """The causal LM, or with ``labels`` (class names) the encoder with its classification head,
+    in the run's precision (bf16 when the DeepSpeed config enables it).
 
     Under ZeRO-3 (``ds_config`` given with stage 3) every parameter is partitioned as it is
     created: a 70B model is never materialised on one rank. Adapters are added afterwards
@@ -48,9 +103,31 @@ def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = 
         # loads each parameter gathered on its own (from_pretrained and from_config alike).
         _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)
     if is_builtin(name):
-        return build_builtin_model(name, vocab_size, seed=seed, dtype=dtype)
+        return build_builtin_model(name, vocab_size, seed=seed, dtype=dtype, labels=labels)
     if not (Path(name) / "config.json").is_file():
         raise ValueError(f"model_name_or_path: {name!r} is neither a builtin nor a folder with config.json")
+    if labels is not None:
+        return load_classifier(name, labels, seed, dtype, trust_remote_code)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_classifier(name: str, labels: list[str], seed: int, dtype: torch.dtype, trust_remote_code: bool):
+    """AutoModelForSequenceClassification with ``len(labels)`` classes. A head the folder does not
+    hold (a masked-LM checkpoint) is initialised from (seed, parameter name), as the builtins are:
+    the same on every rank and at every ZeRO stage."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ds_bilevel.builtin.model import seeded_init_
+    from ds_bilevel.heads import head_name
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name, dtype=dtype, trust_remote_code=trust_remote_code, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        output_loading_info=True, ignore_mismatched_sizes=True)
+    head = head_name(model)
+    fresh = [*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))]
+    if any(key == head or key.startswith(head + ".") for key in fresh):
+        seeded_init_(model.get_submodule(head), seed, model.config.initializer_range, prefix=head + ".")
+    return model

@@ -23,12 +23,13 @@ def plot_metrics(metrics_file: Path, out_file: Path, title: str) -> Path:
     if outer:
         losses.plot([r["step"] for r in outer], [r["outer_loss"] for r in outer], label="outer level (D2) loss")
     losses.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o--", label="eval loss")
-    losses.set(xlabel="inner step", ylabel="loss (response tokens, nats)", title="losses")
+    losses.set(xlabel="inner step", ylabel="loss (per response token or example, nats)", title="losses")
     losses.legend()
     losses.grid(alpha=0.3)
-    metrics.plot([r["step"] for r in evals], [r["eval_exact_match"] for r in evals], "o-", color="tab:green",
-                 label="eval exact match")
-    metrics.set(xlabel="inner step", ylabel="exact match", ylim=(-0.02, 1.02), title="evaluation")
+    key = "eval_accuracy" if evals and "eval_accuracy" in evals[0] else "eval_exact_match"  # classifier or LM
+    name = key.removeprefix("eval_").replace("_", " ")
+    metrics.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="tab:green", label=f"eval {name}")
+    metrics.set(xlabel="inner step", ylabel=name, ylim=(-0.02, 1.02), title="evaluation")
     metrics.legend()
     metrics.grid(alpha=0.3)
     figure.suptitle(title)

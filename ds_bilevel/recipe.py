@@ -22,8 +22,9 @@ from ds_bilevel.config import RunConfig, config_to_dict
 from ds_bilevel.data import load_records, load_validation, tokenize
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
+from ds_bilevel.heads import head_name, train_head
 from ds_bilevel.levels import Level, named_level_parameters
-from ds_bilevel.models import load_model, load_tokenizer
+from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
 from ds_bilevel.plot import plot_metrics
 from ds_bilevel.schedule import BatchSource, events, split_d1_d2
 from ds_bilevel.zero_access import master_value
@@ -58,22 +59,27 @@ class Prepared:
     eval_set: object
     d2_set: object | None  # an explicit D2 file, tokenised (None: D2 is a share of train_set)
     model: torch.nn.Module
+    labels: list[str] | None = None  # an encoder's class names, index = class id (None: a causal LM)
 
 
 def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
     train, evaluation = load_records(run.dataset, run.data, run.seed)
-    train_set, eval_set = tokenize(train, tokenizer, run.data), tokenize(evaluation, tokenizer, run.data)
     d2 = load_validation(run.data)
-    d2_set = tokenize(d2, tokenizer, run.data) if d2 is not None else None
-    model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code, ds_config)
+    labels = encoder_labels(run.model_name_or_path, run.trust_remote_code, run.data, train, evaluation, d2)
+    train_set, eval_set, d2_set = (tokenize(records, tokenizer, run.data, labels) if records is not None else None
+                                   for records in (train, evaluation, d2))
+    model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code, ds_config, labels)
     model.config.use_cache = False
     if run.gradient_checkpointing:
         enable_activation_checkpointing(model)
     torch.manual_seed(run.seed)  # the same adapter init on every rank
-    inject_adapters(model, run.adapter)
-    return Prepared(tokenizer, train_set, eval_set, d2_set, model)
+    # An encoder's head is trained whole at the inner level, never wrapped by an adapter (heads.py).
+    inject_adapters(model, run.adapter, exclude=(head_name(model),) if labels is not None else ())
+    if labels is not None:
+        train_head(model)
+    return Prepared(tokenizer, train_set, eval_set, d2_set, model, labels)
 
 
 def batch_sources(run: RunConfig, mode: str, data: Prepared, rank: int, world_size: int) -> dict[str, BatchSource]:
@@ -140,6 +146,8 @@ class TrainingRecipe:
             (self.output_dir / "run_config.json").write_text(json.dumps(config_to_dict(run), indent=2))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             self.metrics_file = (self.output_dir / "metrics.jsonl").open("a" if run.resume_from_checkpoint else "w")
+            if data.labels is not None:  # class id -> name, for reading predictions and for export
+                (self.output_dir / "labels.json").write_text(json.dumps(data.labels))
             if "outer" in self.sources and not run.data.validation_file:  # the D1/D2 split, for audits
                 split = {"d1": self.sources["inner"].indices, "d2": self.sources["outer"].indices}
                 (self.output_dir / "split.json").write_text(json.dumps(split))
@@ -202,7 +210,9 @@ class TrainingRecipe:
         after = self._evaluate(run.max_steps)
         before = state["before"]
         return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-                "exact_match_before": before["eval_exact_match"], "exact_match_after": after["eval_exact_match"],
+                # exact_match_before/after (token labels) or accuracy_before/after (a classifier)
+                **{f"{key.removeprefix('eval_')}_{when}": value for when, metrics in (("before", before),
+                   ("after", after)) for key, value in metrics.items() if key != "eval_loss"},
                 "train_loss_first": state["first_loss"], "train_loss_last": loss,
                 "tokens_per_s": tokens_seen / train_time, "train_time_s": train_time,
                 "steps": run.max_steps, "world_size": self.world_size}

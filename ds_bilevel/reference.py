@@ -14,9 +14,10 @@ import torch
 
 from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
 from ds_bilevel.config import RunConfig
-from ds_bilevel.engine import OBJECTIVE_LEVEL, token_loss_sum, training_mode
+from ds_bilevel.engine import OBJECTIVE_LEVEL, training_mode
 from ds_bilevel.hypergrad import HYPERGRADS, Objective
 from ds_bilevel.levels import Level, level_parameters, regularizer
+from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import LevelAdamW, LevelScheduler, build_param_groups
 from ds_bilevel.schedule import Batch, outer_step_count
 
@@ -44,7 +45,7 @@ class ReferenceBilevel:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        data_loss = token_loss_sum(logits, batch["labels"]) / tokens
+        data_loss = loss_sum(logits, batch["labels"]) / tokens
         reg = regularizer(self.model, OBJECTIVE_LEVEL[objective])
         (data_loss if reg is None else data_loss + reg).backward()
         self.losses[objective] = data_loss.item()

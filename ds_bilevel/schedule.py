@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_bilevel.data import GlobalBatchOrder, collate
+from ds_bilevel.data import GlobalBatchOrder, collate, labelled_count
 
 
 def split_d1_d2(num_examples: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
@@ -53,7 +53,8 @@ class Batch:
     micro_batches: list[dict[str, torch.Tensor]]
     """This rank's micro-batches of one global batch."""
     labelled_tokens: int
-    """Response tokens in the whole global batch (the loss is their mean)."""
+    """Response tokens (class-labelled examples, for an encoder) in the whole global batch: the
+    loss is the mean over them."""
     tokens: int
     """All tokens of the whole global batch (for throughput)."""
 
@@ -71,9 +72,9 @@ class BatchSource:
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.accumulation = global_batch // (micro_batch * world_size)
         self.order = GlobalBatchOrder(len(indices), global_batch, seed)
-        labels = dataset["labels"]
-        self.labelled = [sum(1 for t in labels[i][1:] if t >= 0) for i in indices]
-        self.lengths = [len(labels[i]) for i in indices]
+        labels, input_ids = dataset["labels"], dataset["input_ids"]
+        self.labelled = [labelled_count(labels[i]) for i in indices]
+        self.lengths = [len(input_ids[i]) for i in indices]
 
     def batch(self, step: int) -> Batch:
         global_ids = self.order.global_indices(step)

@@ -129,10 +129,19 @@ def model_skeleton(run: RunConfig):
 
 
 def check_model(run: RunConfig) -> None:
-    """Targets and ranks against the model's layers."""
+    """Targets and ranks against the model's layers (an encoder's: its head excluded, heads.py)."""
     from ds_bilevel.adapters.inject import target_layer_names
+    from ds_bilevel.heads import head_name
+    from ds_bilevel.models import encoder_skeleton
 
-    target_layer_names(model_skeleton(run), run.adapter)
+    encoder = encoder_skeleton(run.model_name_or_path, run.trust_remote_code)  # heads.py: with its head
+    if encoder is None:
+        target_layer_names(model_skeleton(run), run.adapter)
+        return
+    if run.data.format != "classification":
+        raise ValueError(f"data.format: {run.data.format!r} needs a causal LM, but {run.model_name_or_path} is an "
+                         f"encoder (heads.py); allowed with it: classification")
+    target_layer_names(encoder, run.adapter, exclude=(head_name(encoder),))
 
 
 @contextlib.contextmanager

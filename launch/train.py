@@ -51,10 +51,12 @@ def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
 
 
 def print_summary(summary: dict) -> None:
+    key = "accuracy" if "accuracy_before" in summary else "exact_match"  # a classifier's, or a causal LM's
+    score = key.replace("_", " ")
     print(
         "\n== ds_bilevel run summary ==\n"
         f"eval loss      {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}\n"
-        f"exact match    {summary['exact_match_before']:.3f} -> {summary['exact_match_after']:.3f}\n"
+        f"{score:<15}{summary[key + '_before']:.3f} -> {summary[key + '_after']:.3f}\n"
         f"train loss     {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}\n"
         f"throughput     {summary['tokens_per_s']:.0f} tokens/s over {summary['world_size']} ranks "
         f"({summary['steps']} steps in {summary['train_time_s']:.1f} s)\n"

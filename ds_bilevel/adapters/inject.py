@@ -6,6 +6,7 @@ from torch import nn
 
 from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.adapters.config import AdapterConfig
+from ds_bilevel.levels import is_tagged
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -21,33 +22,34 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+def inject_adapters(model: nn.Module, config: AdapterConfig, exclude: tuple[str, ...] = ()) -> list[str]:
     """Wrap every nn.Linear whose name matches a target with ``config.method``'s layer.
 
     Freezes every base parameter first: after this call the only trainable
     parameters are the adapters' own. Returns the adapted layer names. A target
-    that matches nothing is an error listing the model's linear layers.
+    that matches nothing is an error listing the model's linear layers. Layers inside
+    the modules named in ``exclude`` (a classification head, trained whole) are never adapted.
     """
     from ds_bilevel.adapters import METHODS
 
     config.validate()
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError("model already holds adapter layers; inject into a fresh base model")
-    names = target_layer_names(model, config)
+    names = target_layer_names(model, config, exclude)
     model.requires_grad_(False)
     for name in names:
         _set_submodule(model, name, METHODS[config.method].from_config(model.get_submodule(name), config))
     return names
 
 
-def target_layer_names(model: nn.Module, config: AdapterConfig) -> list[str]:
+def target_layer_names(model: nn.Module, config: AdapterConfig, exclude: tuple[str, ...] = ()) -> list[str]:
     """The nn.Linear layers ``config`` adapts, in model order, after checking that every target
     matches a layer and every rank fits every layer. Reads only shapes: the launcher runs it on
     a model built on the meta device before any process group starts (ds_bilevel.validation)."""
     from ds_bilevel.adapters import METHODS
 
     layer_cls = METHODS[config.method]
-    linears = linear_layer_names(model)
+    linears = [n for n in linear_layer_names(model) if not any(n == e or n.startswith(e + ".") for e in exclude)]
     chosen = {t: [n for n in linears if _matches(n, t)] for t in config.target_modules}
     missing = [t for t, names in chosen.items() if not names]
     if missing:
@@ -76,8 +78,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def named_base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The frozen base's parameters under their original names (``.base_layer`` removed)."""
+    """The frozen base's parameters under their original names (``.base_layer`` removed);
+    neither adapters nor modules trained whole (``levels.assign_level``) are part of it."""
     adapter_ids = {id(p) for _, layer in model.named_modules() if isinstance(layer, AdapterLayer)
                    for p in layer.adapter_parameters()}
     return [(name.replace(".base_layer.", "."), p) for name, p in model.named_parameters()
-            if id(p) not in adapter_ids]
+            if id(p) not in adapter_ids and not is_tagged(p)]

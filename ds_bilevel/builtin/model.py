@@ -1,4 +1,5 @@
-"""``builtin:tiny-llama``: a LLaMA-architecture model built from a LlamaConfig with a fixed seed."""
+"""Builtin models built from a config with a fixed seed: ``builtin:tiny-llama`` (a LLaMA causal LM)
+and ``builtin:tiny-roberta`` (a RoBERTa encoder with a sequence-classification head)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,36 @@ BUILTIN_MODELS = {
 }
 
 
+# name -> RobertaConfig kwargs: encoders, built as RobertaForSequenceClassification (the
+# classification head on the first token, as RoBERTa's). Positions start after the pad id (3),
+# so 132 position rows hold sequences of up to 128 tokens. No dropout (as the builtin LLaMA): a
+# run is then deterministic, the same on any number of ranks.
+BUILTIN_ENCODERS = {
+    "tiny-roberta": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=132, type_vocab_size=1, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0),
+}
+
+
 def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
+
+
+def is_builtin_encoder(name: str) -> bool:
+    return name.removeprefix(BUILTIN_PREFIX) in BUILTIN_ENCODERS
+
+
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + k for k in (*BUILTIN_MODELS, *BUILTIN_ENCODERS)]
+
+
+def builtin_roberta_config(name: str, vocab_size: int, labels: list[str]):
+    """The encoder's config; ``labels`` (class names, index = class id) set its head's size."""
+    from transformers import RobertaConfig
+
+    return RobertaConfig(vocab_size=vocab_size, **BUILTIN_ENCODERS[name.removeprefix(BUILTIN_PREFIX)],
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, id2label=dict(enumerate(labels)),
+                         label2id={label: i for i, label in enumerate(labels)})
 
 
 def builtin_llama_config(name: str, vocab_size: int, **overrides):
@@ -39,43 +68,51 @@ def builtin_llama_config(name: str, vocab_size: int, **overrides):
 
     key = name.removeprefix(BUILTIN_PREFIX)
     if key not in BUILTIN_MODELS:
-        allowed = [BUILTIN_PREFIX + k for k in BUILTIN_MODELS]
-        raise ValueError(f"model_name_or_path: unknown builtin {name!r}; builtins are {allowed}")
+        raise ValueError(f"model_name_or_path: unknown builtin {name!r}; builtins are {builtin_names()}")
     kwargs = {"vocab_size": vocab_size, **BUILTIN_MODELS[key], "bos_token_id": 1, "eos_token_id": 2,
               "pad_token_id": 3, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, **overrides}
     return LlamaConfig(**kwargs)
 
 
-def build_builtin_model(name: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+def build_builtin_model(name: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        labels: list[str] | None = None, **overrides):
     """The same weights on every rank and every run: the seed fixes the init.
 
     Built with ``from_config`` so that under an active ZeRO-3 config (HfDeepSpeedConfig)
     transformers creates it partitioned; ``seeded_init_`` makes the values the same either way.
+    An encoder needs ``labels``, the class names its head predicts.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, RobertaForSequenceClassification
 
-    config = builtin_llama_config(name, vocab_size, **overrides)
+    if is_builtin_encoder(name):
+        if not labels:
+            raise ValueError(f"model_name_or_path: {name} is an encoder; it needs classification data "
+                             f"(data.format classification) to size its head")
+        config, model_cls = builtin_roberta_config(name, vocab_size, labels), RobertaForSequenceClassification
+    else:
+        config, model_cls = builtin_llama_config(name, vocab_size, **overrides), LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        model = model_cls._from_config(config, dtype=dtype)
     seeded_init_(model, seed, config.initializer_range)
     return model
 
 
 @torch.no_grad()
-def seeded_init_(model: torch.nn.Module, seed: int, std: float) -> None:
+def seeded_init_(model: torch.nn.Module, seed: int, std: float, prefix: str = "") -> None:
     """Give every parameter values that depend only on (seed, its name): N(0, std) for weights,
-    ones for RMSNorm scales (LLaMA's init). The result is the same whether the model was
-    built whole or partitioned under ZeRO-3 (there each tensor is gathered on its own and
-    written by rank 0), which construction-order RNG draws would not guarantee."""
+    ones for RMSNorm/LayerNorm scales, zeros for biases (LLaMA's and RoBERTa's init). The result
+    is the same whether the model was built whole or partitioned under ZeRO-3 (there each tensor
+    is gathered on its own and written by rank 0), which construction-order RNG draws would not
+    guarantee. ``prefix``: the module's qualified name when it is part of a model (a head)."""
     import zlib
 
     from ds_bilevel.adapters.base import gathered
 
     for name, param in model.named_parameters():
         with gathered([param], modifier_rank=0):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
+            if name.endswith(("norm.weight", "LayerNorm.weight", "bias")):
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
                 continue
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((prefix + name).encode()))
             param.copy_(torch.randn(param.shape, generator=generator) * std)

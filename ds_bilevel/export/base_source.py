@@ -100,6 +100,7 @@ class Base:
     config: dict
     """config.json, as a dict."""
     generation_config: dict
+    """generation_config.json, as a dict (empty for an encoder: none is written)."""
     tokenizer: object
 
 
@@ -115,6 +116,18 @@ def model_folder(run: RunFolder) -> Path | None:
     return folder
 
 
+def classifier_config(config: dict, labels: list[str]) -> dict:
+    """What turns an encoder's config.json into its sequence classifier's (heads.py)."""
+    from ds_bilevel.heads import classification_class_name
+
+    try:
+        architecture = classification_class_name(config.get("model_type", ""))
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    return {"architectures": [architecture], "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
 def open_base(run: RunFolder) -> Base:
     """The base the run trained, as the run built it (same tokenizer, vocabulary and seed)."""
     from transformers import GenerationConfig
@@ -124,12 +137,16 @@ def open_base(run: RunFolder) -> Base:
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
     folder = model_folder(run)
     if folder is None:
-        model = load_model(run.model_name_or_path, len(tokenizer), run.seed)
+        model = load_model(run.model_name_or_path, len(tokenizer), run.seed, labels=run.labels)
         model.config.architectures = [type(model).__name__]
-        return Base(StateDictSource(model), None, model.config.to_diff_dict(), model.generation_config.to_diff_dict(),
-                    tokenizer)
+        generation = model.generation_config.to_diff_dict() if run.labels is None else {}  # an encoder has none
+        return Base(StateDictSource(model), None, model.config.to_diff_dict(), generation, tokenizer)
     config = json.loads((folder / "config.json").read_text())
-    if (folder / "generation_config.json").is_file():
+    if run.labels is not None:  # an encoder run: the export is its sequence classifier
+        config = {**config, **classifier_config(config, run.labels)}
+    if run.labels is not None:
+        generation = {}
+    elif (folder / "generation_config.json").is_file():
         generation = json.loads((folder / "generation_config.json").read_text())
     else:
         generation = GenerationConfig(**{k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -3,12 +3,15 @@
 The base is streamed one tensor at a time. An adapted layer's weight W0 is wrapped in the
 method's own adapter layer with its trained tensors and replaced by ``merged_weight()``
 (LoRA W0 + s B A; DoRA/BiDoRA m (W0 + s B A) / ||W0 + s B A||_row; BiLoRA
-W0 + s P diag(lambda) Q; Bi-LoRA the primary module only), in fp32, then cast. Every other
-tensor is copied through, cast to the export dtype. Shards are written as they fill.
+W0 + s P diag(lambda) Q; Bi-LoRA the primary module only), in fp32, then cast. An encoder
+run's trained classification head replaces the base's head tensors (or is added after them,
+for a masked-LM base that has none). Every other tensor is copied through, cast to the export
+dtype. Shards are written as they fill.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -40,16 +43,32 @@ def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec]) -> dict[str,
     return weights
 
 
+def head_specs(base: Base, adapters: AdapterFile | None) -> list[TensorSpec]:
+    """The trained head's tensors the base lacks; a head tensor the base has must fit its shape."""
+    head = adapters.head if adapters is not None else {}
+    shapes = {spec.name: spec.shape for spec in base.source.specs}
+    for name, tensor in head.items():
+        if name in shapes and tuple(tensor.shape) != shapes[name]:
+            raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds head tensor {name} of shape "
+                              f"{tuple(tensor.shape)}, but the base's is {shapes[name]} (another base model?)")
+    return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in head.items() if name not in shapes]
+
+
 def output_tensors(base: Base, adapters: AdapterFile | None, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base's tensors in order, adapted weights merged (in fp32), floats cast to ``dtype``."""
+    """The base's tensors in order, adapted weights merged (in fp32), the trained head in place of
+    the base's, then the head tensors the base lacks; floats cast to ``dtype``."""
     from tqdm.auto import tqdm
 
     adapted = adapted_weights(adapters, base.source.specs) if adapters is not None else {}
-    for name, tensor in tqdm(base.source.tensors(), total=len(base.source.specs), desc="export", unit="tensor",
-                             disable=None, leave=False):
+    head = adapters.head if adapters is not None else {}
+    extra = [(spec.name, head[spec.name]) for spec in head_specs(base, adapters)]
+    tensors = tqdm(base.source.tensors(), total=len(base.source.specs), desc="export", unit="tensor",
+                   disable=None, leave=False)
+    for name, tensor in itertools.chain(tensors, extra):  # streamed: one base tensor at a time
         if name in adapted:
             with torch.no_grad():
                 tensor = adapters.layer(adapted[name], tensor).merged_weight()
+        tensor = head.get(name, tensor)
         yield name, (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
 
 
@@ -58,7 +77,8 @@ def write_config(base: Base, folder: Path, dtype: torch.dtype) -> None:
     if "torch_dtype" in config:  # written by transformers 4; keep both readers right
         config["torch_dtype"] = dtype_name(dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(base.generation_config, indent=2) + "\n")
+    if base.generation_config:
+        (folder / "generation_config.json").write_text(json.dumps(base.generation_config, indent=2) + "\n")
     if base.folder is not None and "auto_map" in config:  # custom modelling code travels with the config
         for code in base.folder.glob("*.py"):
             shutil.copy2(code, folder / code.name)
@@ -66,10 +86,12 @@ def write_config(base: Base, folder: Path, dtype: torch.dtype) -> None:
 
 def write_model_folder(base: Base, adapters: AdapterFile | None, folder: Path, dtype: torch.dtype,
                        max_bytes: int) -> list[str]:
-    """A folder that AutoModelForCausalLM.from_pretrained loads: config, generation config,
-    tokenizer and sharded weights (the base's, merged with ``adapters`` unless None)."""
+    """A folder that AutoModelForCausalLM.from_pretrained (AutoModelForSequenceClassification, for
+    an encoder run) loads: config, generation config, tokenizer and sharded weights (the base's,
+    merged with ``adapters`` unless None)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = write_sharded(output_tensors(base, adapters, dtype), base.source.specs, dtype, folder, max_bytes)
+    specs = [*base.source.specs, *head_specs(base, adapters)]
+    files = write_sharded(output_tensors(base, adapters, dtype), specs, dtype, folder, max_bytes)
     write_config(base, folder, dtype)
     base.tokenizer.save_pretrained(str(folder))
     return files

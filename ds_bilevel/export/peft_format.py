@@ -11,6 +11,10 @@ Each method's inference forward is one of PEFT's exactly (docs/export.md):
 - dora, bidora: A, B and the magnitude m, use_dora (PEFT's DoRA forward is DoRA's, and so
   BiDoRA's: the levels only change how m and A, B were trained);
 - bilora_sam: the primary module A1, B1 (inference drops the auxiliary one, as merging does).
+
+An encoder run's trained classification head is saved as PEFT saves ``modules_to_save``
+(``base_model.model.classifier.out_proj.weight``, ...; task_type SEQ_CLS): load the base with
+AutoModelForSequenceClassification and the run's labels, then the adapter.
 """
 
 from __future__ import annotations
@@ -72,11 +76,13 @@ def peft_target_modules(config: AdapterConfig, layers: list[str], specs: list[Te
     return list(config.target_modules) if selected == set(layers) else sorted(layers)
 
 
-def adapter_config(config: AdapterConfig, use_dora: bool, targets: list[str], base_path: str) -> dict:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+def adapter_config(config: AdapterConfig, use_dora: bool, targets: list[str], base_path: str,
+                   head: list[str] | None = None) -> dict:
+    """PEFT's adapter_config.json; ``head``: the classification head's module (an encoder run)."""
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if head else "CAUSAL_LM", "base_model_name_or_path": base_path,
             "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": targets, "use_dora": use_dora, "use_rslora": False, "bias": "none",
-            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": head or None,
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
             "revision": None}
 
@@ -91,6 +97,8 @@ def peft_tensors(adapters: AdapterFile, specs: list[TensorSpec], dtype: torch.dt
             layer = adapters.layer(name, torch.empty(shapes[weight], device="meta"))
             for key, value in form(layer).items():
                 tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().to(dtype).contiguous()
+    for name, value in adapters.head.items():  # modules_to_save, as PEFT writes them
+        tensors[PEFT_PREFIX + name] = value.to(dtype).contiguous()
     return tensors
 
 
@@ -111,8 +119,9 @@ def export_peft(adapters: AdapterFile, base: Base, folder: Path, final_folder: P
     else:
         write_model_folder(base, None, folder / BASE_SUBFOLDER, dtype, max_bytes)
         base_path, files = str(final_folder.resolve() / BASE_SUBFOLDER), [*files, BASE_SUBFOLDER]
+    head = sorted({name.split(".", 1)[0] for name in adapters.head})
     config = adapter_config(adapters.config, PEFT_FORMS[method][1],
-                            peft_target_modules(adapters.config, adapters.layers, specs), base_path)
+                            peft_target_modules(adapters.config, adapters.layers, specs), base_path, head)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     base.tokenizer.save_pretrained(str(folder))
     return files

@@ -3,7 +3,9 @@
 A run folder (``output_dir`` of launch/train.py) holds ``run_config.json`` (the RunConfig as a
 dict) and ``adapter_model.safetensors`` (every adapter parameter's fp32 master, keyed
 ``<layer>.<parameter>``, e.g. ``model.layers.0.self_attn.q_proj.lora_A``). The adapter layers
-are rebuilt one at a time with the method's own class, so no merge formula lives here.
+are rebuilt one at a time with the method's own class, so no merge formula lives here. An
+encoder run also holds its trained classification head there, under the model's own tensor
+names (``classifier.out_proj.weight``; heads.py), and its class names in ``labels.json``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from safetensors import safe_open
 from torch import nn
 
 from ds_bilevel.adapters import METHODS, AdapterConfig, AdapterLayer
+from ds_bilevel.heads import is_head_tensor
 from ds_bilevel.levels import Level
 
 ADAPTER_FILE = "adapter_model.safetensors"
 RUN_CONFIG_FILE = "run_config.json"
+LABELS_FILE = "labels.json"
 
 
 class ExportError(ValueError):
@@ -37,6 +41,8 @@ class RunFolder:
     """Rebuilds a builtin base exactly as the run built it."""
     trust_remote_code: bool
     adapter: AdapterConfig
+    labels: list[str] | None = None
+    """An encoder run's class names (labels.json), None for a causal LM."""
 
     @property
     def method(self) -> str:
@@ -73,7 +79,8 @@ def read_run_folder(path: str | Path, base_model: str | None = None) -> RunFolde
         raise ExportError(f"{RUN_CONFIG_FILE}: in {path}, model_name_or_path and adapter are missing")
     run = RunFolder(path=path, model_name_or_path=base_model or values["model_name_or_path"],
                     seed=int(values.get("seed", 0)), trust_remote_code=bool(values.get("trust_remote_code", False)),
-                    adapter=read_adapter_config(values["adapter"]))
+                    adapter=read_adapter_config(values["adapter"]),
+                    labels=json.loads((path / LABELS_FILE).read_text()) if (path / LABELS_FILE).is_file() else None)
     try:
         with safe_open(str(path / ADAPTER_FILE), "pt") as f:
             saved_method = (f.metadata() or {}).get("method", run.method)
@@ -94,7 +101,13 @@ class AdapterFile:
         self.layer_cls: type[AdapterLayer] = METHODS[run.method]
         self.param_names = self._param_names()
         with safe_open(str(self.path), "pt") as f:
-            keys = list(f.keys())
+            saved = list(f.keys())
+            # An encoder's trained head, by the model's tensor names (small: out_features x hidden).
+            self.head = {key: f.get_tensor(key) for key in saved if is_head_tensor(key)}
+        keys = [key for key in saved if key not in self.head]
+        if self.head and run.labels is None:
+            raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds a classification head but {run.path} has no "
+                              f"{LABELS_FILE}; give the output_dir of a finished training run")
         for key in keys:
             if key.rpartition(".")[2] not in self.param_names:
                 raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds {key!r}, which is not a {run.method} "
