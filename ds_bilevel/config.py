@@ -72,6 +72,12 @@ class RunConfig:
     ends exactly where an uninterrupted one would."""
     checksum_base: bool = False
     """Write a sha256 of the frozen base weights into summary.json (proves they never moved)."""
+    collective_timeout_s: int = 1800
+    """A rank that waits this long without progress (a peer died, hangs or is unreachable)
+    stops the run with an error naming the silent ranks; also the process group's timeout."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradients are not finite is skipped and counted; this many in a
+    row stop the run with an error."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     bilevel: BilevelConfig = field(default_factory=BilevelConfig)
@@ -85,7 +91,7 @@ class RunConfig:
         self.data.validate()
         self.bilevel.validate()
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "eval_batch_size",
-                     "log_steps"):
+                     "log_steps", "collective_timeout_s", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name}: {value!r} must be an integer >= 1")
@@ -98,6 +104,9 @@ class RunConfig:
             raise ValueError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
+        if self.bilevel.retrain_steps and self.adapter.method not in ("bidora", "bilora"):
+            raise ValueError(f"bilevel.retrain_steps: {self.bilevel.retrain_steps} needs a bi-level adapter.method "
+                             f"(bidora, bilora), not {self.adapter.method!r}; allowed: 0")
         if not Path(self.ds_config).is_file():
             raise ValueError(f"ds_config: file {self.ds_config!r} does not exist")
 

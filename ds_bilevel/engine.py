@@ -16,6 +16,8 @@ backward goes through the DeepSpeed engine, so ZeRO gathers, reduces and partiti
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ds_bilevel.adapters.base import AdapterLayer
@@ -32,6 +34,10 @@ from ds_bilevel.zero_access import full_grad, master_value, set_grad, set_master
 # The regularisers each objective includes: R1 (and BiDoRA's direction term) belong to the
 # inner objective, the binary lambda penalty R2 to the outer one.
 OBJECTIVE_LEVEL = {Objective.INNER: Level.INNER, Objective.OUTER: Level.OUTER}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def training_mode(model: torch.nn.Module) -> str:
@@ -75,6 +81,10 @@ class BilevelEngine:
         self.losses: dict[Objective, float] = {}
         self._cycle_open = False
         self._masters: list[torch.Tensor] | None = None
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0
+        # The inner level's initial values, for the retraining phase (full fp32 on every rank).
+        self._initial_inner = ([master_value(p) for p in self.params[Level.INNER]]
+                               if self.bilevel.retrain_steps else None)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -116,6 +126,28 @@ class BilevelEngine:
         total = torch.tensor([summed], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(total)
         self.losses[objective] = total.item() / batch.labelled_tokens
+
+    def _step_levels(self, levels: tuple[Level, ...], loss: float) -> None:
+        """Close the open cycle with an optimizer step of ``levels``. LevelAdamW skips it (nothing
+        moves) when ``loss`` or any gradient is not finite; skipped steps are counted, and
+        ``max_nonfinite_steps`` of them in a row stop the run. ZeRO's optimizers check the
+        gradients themselves and skip before reaching LevelAdamW ("OVERFLOW! Skipping step"):
+        DeepSpeed's skipped_steps counts those."""
+        self.client_optimizer.loss_is_finite, self.client_optimizer.skipped = math.isfinite(loss), False
+        skipped_by_deepspeed = self.engine.skipped_steps
+        self._close_cycle(levels)
+        self.client_optimizer.loss_is_finite = True
+        if not (self.client_optimizer.skipped or self.engine.skipped_steps > skipped_by_deepspeed):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.run.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last loss "
+                f"{loss}); stopping as max_nonfinite_steps={self.run.max_nonfinite_steps} says. The weights and "
+                f"checkpoints hold no non-finite value: resume from the last checkpoint with a lower learning_rate "
+                f"or max_grad_norm, or check the data (docs/failures.md)")
 
     def _close_cycle(self, levels: tuple[Level, ...] = ()) -> None:
         """engine.step at the open boundary, moving only ``levels`` (none: a measuring pass)."""
@@ -161,7 +193,7 @@ class BilevelEngine:
         self._run_pass(Objective.INNER)
         if self.params[Level.OUTER]:
             self._zero_grads(Level.OUTER)
-        self._close_cycle((Level.INNER,))
+        self._step_levels((Level.INNER,), self.losses[Objective.INNER])
         self.scheduler.step(Level.INNER)
         return self.losses[Objective.INNER]
 
@@ -174,7 +206,7 @@ class BilevelEngine:
         self._zero_grads(Level.INNER)
         for param, value in zip(self.params[Level.OUTER], hypergrad, strict=True):
             set_grad(param, value)
-        self._close_cycle((Level.OUTER,))
+        self._step_levels((Level.OUTER,), self.losses[Objective.OUTER])
         self.scheduler.step(Level.OUTER)
         return self.losses[Objective.OUTER]
 
@@ -185,7 +217,7 @@ class BilevelEngine:
         self._run_pass(Objective.INNER)
         for param in self.params[Level.OUTER]:
             set_grad(param, -full_grad(param))
-        self._close_cycle((Level.INNER, Level.OUTER))
+        self._step_levels((Level.INNER, Level.OUTER), self.losses[Objective.INNER])
         self.scheduler.step(Level.INNER)
         self.scheduler.step(Level.OUTER)
         self.clip_auxiliary()
@@ -206,5 +238,15 @@ class BilevelEngine:
                 set_master_value(layer.aux_B, b * factor)
         return norm
 
+    def start_retraining(self) -> None:
+        """BiDoRA's retraining phase (arXiv 2410.09758, after the bi-level search): the outer level
+        (magnitude) stays as the bi-level phase left it; the inner level (direction) restarts from
+        its initial values, with fresh Adam moments and a new schedule over retrain_steps."""
+        for param, value in zip(self.params[Level.INNER], self._initial_inner, strict=True):
+            set_master_value(param, value)
+        self.client_optimizer.reset_state(Level.INNER)
+        self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
+
     def step(self, kind: str, batch: Batch) -> float:
-        return {"inner": self.inner_step, "outer": self.outer_step, "sharpness": self.sharpness_step}[kind](batch)
+        return {"inner": self.inner_step, "retrain": self.inner_step, "outer": self.outer_step,
+                "sharpness": self.sharpness_step}[kind](batch)

@@ -59,6 +59,13 @@ class LevelStepMixin:
         finally:
             self.param_groups = all_groups
 
+    def reset_state(self, level: Level) -> None:
+        """Forget the Adam moments and step counts of ``level`` (a restart from scratch)."""
+        for group in self.param_groups:
+            if group["level"] == level.value:
+                for param in group["params"]:
+                    self.state.pop(param, None)
+
 
 class LevelAdamW(LevelStepMixin, torch.optim.AdamW):
     pass
@@ -106,14 +113,22 @@ class LevelScheduler:
 
     def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: dict[Level, int],
                  warmup_ratio: float):
-        self.optimizer = optimizer
+        self.optimizer, self.kind, self.warmup_ratio = optimizer, kind, warmup_ratio
         self.base_lr = {g["level"]: g["lr"] for g in optimizer.param_groups}
-        self.factors = {level.value: schedule_lambda(kind, max(total_steps[level], 1),
-                                                     int(warmup_ratio * total_steps[level]))
-                        for level in Level}
+        self.totals = {level.value: total_steps[level] for level in Level}
         self.steps = {level.value: 0 for level in Level}
+        self._build()
+
+    def _build(self) -> None:
+        self.factors = {level: schedule_lambda(self.kind, max(total, 1), int(self.warmup_ratio * total))
+                        for level, total in self.totals.items()}
         for level in self.base_lr:
             self._apply(level)
+
+    def restart(self, level: Level, total_steps: int) -> None:
+        """A new schedule (warm-up and decay) over ``total_steps`` further steps of ``level``."""
+        self.totals[level.value], self.steps[level.value] = total_steps, 0
+        self._build()
 
     def _apply(self, level: str) -> None:
         for group in self.optimizer.param_groups:
@@ -129,9 +144,8 @@ class LevelScheduler:
         return next((g["lr"] for g in self.optimizer.param_groups if g["level"] == level.value), 0.0)
 
     def state_dict(self) -> dict:
-        return {"steps": dict(self.steps)}
+        return {"steps": dict(self.steps), "totals": dict(self.totals)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = dict(state["steps"])
-        for level in self.base_lr:
-            self._apply(level)
+        self.steps, self.totals = dict(state["steps"]), dict(state.get("totals", self.totals))
+        self._build()

@@ -20,7 +20,8 @@ from ds_bilevel.adapters.base import gathered
 from ds_bilevel.adapters.inject import named_base_parameters
 from ds_bilevel.config import RunConfig, config_to_dict
 from ds_bilevel.data import load_records, load_validation, tokenize
-from ds_bilevel.engine import BilevelEngine
+from ds_bilevel.distributed import Heartbeat, init_distributed
+from ds_bilevel.engine import BilevelEngine, NonFiniteError
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.heads import head_name, train_head
 from ds_bilevel.levels import Level, named_level_parameters
@@ -85,7 +86,7 @@ def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
 def batch_sources(run: RunConfig, mode: str, data: Prepared, rank: int, world_size: int) -> dict[str, BatchSource]:
     """Where each kind of step takes its batches: D1 and D2 for bi-level methods (a seeded
     split of the training set, or all of it and the explicit validation file), the whole
-    training set otherwise."""
+    training set otherwise; the retraining phase reads D1 and D2 together."""
     global_batch, pad_id = run.global_batch_size(world_size), data.tokenizer.pad_token_id
 
     def source(dataset, indices: list[int], seed: int) -> BatchSource:
@@ -96,10 +97,15 @@ def batch_sources(run: RunConfig, mode: str, data: Prepared, rank: int, world_si
         return {"inner": source(data.train_set, everything, run.seed),
                 "sharpness": source(data.train_set, everything, run.seed)}
     if data.d2_set is not None:
+        from datasets import concatenate_datasets
+
+        both = concatenate_datasets([data.train_set, data.d2_set])
         return {"inner": source(data.train_set, everything, run.seed),
-                "outer": source(data.d2_set, list(range(len(data.d2_set))), run.seed + 1)}
+                "outer": source(data.d2_set, list(range(len(data.d2_set))), run.seed + 1),
+                "retrain": source(both, list(range(len(both))), run.seed + 2)}
     d1, d2 = split_d1_d2(len(everything), run.bilevel.split_ratio, run.seed)
-    return {"inner": source(data.train_set, d1, run.seed), "outer": source(data.train_set, d2, run.seed + 1)}
+    return {"inner": source(data.train_set, d1, run.seed), "outer": source(data.train_set, d2, run.seed + 1),
+            "retrain": source(data.train_set, everything, run.seed + 2)}
 
 
 def peak_memory_per_rank() -> list[float]:
@@ -126,12 +132,14 @@ class TrainingRecipe:
 
     # ---- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
-        import deepspeed
         import deepspeed.comm as dist
 
-        deepspeed.init_distributed()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         run = self.run
+        # Every collective fails after collective_timeout_s instead of waiting for a dead peer
+        # forever; the heartbeat then names the peer (docs/failures.md).
+        init_distributed(run.collective_timeout_s)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.heartbeat = Heartbeat(self.rank, self.world_size) if self.world_size > 1 else None
         if self.rank != 0:
             import datasets
 
@@ -173,21 +181,26 @@ class TrainingRecipe:
         from tqdm.auto import tqdm
 
         run, bilevel = self.run, self.run.bilevel
-        schedule = list(events(self.engine.mode, run.max_steps, bilevel.unroll_steps, bilevel.outer_steps))
+        schedule = list(events(self.engine.mode, run.max_steps, bilevel.unroll_steps, bilevel.outer_steps,
+                               bilevel.retrain_steps))
+        total = sum(kind != "outer" for kind, _ in schedule)  # inner steps, retraining included
         state = self._resume() if run.resume_from_checkpoint else {
             "position": 0, "inner_done": 0, "before": self._evaluate(0), "first_loss": None, "outer_loss": None}
-        progress = tqdm(total=run.max_steps, initial=state["inner_done"], desc=f"train {run.adapter.method}",
+        progress = tqdm(total=total, initial=state["inner_done"], desc=f"train {run.adapter.method}",
                         disable=self.rank != 0, dynamic_ncols=True)
         tokens_seen, start, loss = 0, time.perf_counter(), None
         for position in range(state["position"], len(schedule)):
             kind, index = schedule[position]
+            if kind == "retrain" and index == 0:
+                self.engine.start_retraining()
+                state["outer_loss"] = None  # the outer level is frozen from here on
             batch = self.sources[kind].batch(index)
             step_loss = self.engine.step(kind, batch)
             tokens_seen += batch.tokens
             if kind == "outer":
                 state["outer_loss"] = step_loss
             else:
-                loss, state["inner_done"] = step_loss, index + 1
+                loss, state["inner_done"] = step_loss, index + 1 + (run.max_steps if kind == "retrain" else 0)
                 state["first_loss"] = state["first_loss"] if state["first_loss"] is not None else loss
                 progress.update(1)
             if position + 1 < len(schedule) and schedule[position + 1][0] == "outer":
@@ -195,19 +208,21 @@ class TrainingRecipe:
             elapsed = time.perf_counter() - start
             step = state["inner_done"]
             progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}",
-                                 **({"outer": f"{state['outer_loss']:.3f}"} if state["outer_loss"] else {}))
-            if step % run.log_steps == 0 or step == run.max_steps:
+                                 **({"outer": f"{state['outer_loss']:.3f}"} if state["outer_loss"] else {}),
+                                 **({"skipped": self.engine.nonfinite_steps} if self.engine.nonfinite_steps else {}))
+            if step % run.log_steps == 0 or step == total:
                 self._log({"step": step, "train_loss": loss, "outer_loss": state["outer_loss"],
                            "lr": self.engine.scheduler.get_lr(Level.INNER),
                            "outer_lr": self.engine.scheduler.get_lr(Level.OUTER),
-                           "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed})
-            if run.eval_steps and step % run.eval_steps == 0 and step < run.max_steps:
-                self._evaluate(step)
-            if run.save_steps and step % run.save_steps == 0 and step < run.max_steps:
+                           "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed,
+                           "nonfinite_steps": self.engine.nonfinite_steps})
+            if (run.eval_steps and step % run.eval_steps == 0 or step == run.max_steps) and step < total:
+                self._evaluate(step)  # and at the end of the bi-level phase when retraining follows
+            if run.save_steps and step % run.save_steps == 0 and step < total:
                 self._save_checkpoint({**state, "position": position + 1})
         progress.close()
         train_time = time.perf_counter() - start
-        after = self._evaluate(run.max_steps)
+        after = self._evaluate(total)
         before = state["before"]
         return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                 # exact_match_before/after (token labels) or accuracy_before/after (a classifier)
@@ -215,21 +230,23 @@ class TrainingRecipe:
                    ("after", after)) for key, value in metrics.items() if key != "eval_loss"},
                 "train_loss_first": state["first_loss"], "train_loss_last": loss,
                 "tokens_per_s": tokens_seen / train_time, "train_time_s": train_time,
-                "steps": run.max_steps, "world_size": self.world_size}
+                "steps": total, "world_size": self.world_size, "nonfinite_steps": self.engine.nonfinite_steps}
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, state: dict) -> None:
         """DeepSpeed's checkpoint (collective) with the schedule position, schedules and RNG."""
-        client = {**state, "scheduler": self.engine.scheduler.state_dict(), "rng": checkpoint.rng_state()}
-        self.engine.engine.save_checkpoint(str(self.output_dir / checkpoint.CHECKPOINT_DIR),
-                                           tag=checkpoint.tag(state["inner_done"]), client_state={"ds_bilevel": client},
-                                           exclude_frozen_parameters=True)
+        self._check_finite()
+        client = {**state, "scheduler": self.engine.scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                  "nonfinite": [self.engine.nonfinite_steps, self.engine.nonfinite_in_a_row]}
+        checkpoint.save(self.engine.engine, self.output_dir, checkpoint.tag(state["inner_done"]),
+                        {"ds_bilevel": client}, self.rank)
 
     def _resume(self) -> dict:
         load_dir, tag = checkpoint.resolve(self.run.resume_from_checkpoint, self.output_dir)
         _, client = self.engine.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False)
         state = client["ds_bilevel"]
         self.engine.scheduler.load_state_dict(state.pop("scheduler"))
+        self.engine.nonfinite_steps, self.engine.nonfinite_in_a_row = state.pop("nonfinite")
         checkpoint.set_rng_state(state.pop("rng"))
         return state
 
@@ -238,6 +255,15 @@ class TrainingRecipe:
         module = self.engine.module
         return {level: {name: master_value(p).cpu() for name, p in named_level_parameters(module, level)}
                 for level in Level}
+
+    def _check_finite(self, values: dict | None = None) -> dict:
+        """Refuse to save non-finite weights (the optimizer never writes them; this is the guard)."""
+        values = values or self._level_values()
+        bad = [name for by_name in values.values() for name, tensor in by_name.items()
+               if not torch.isfinite(tensor).all()]
+        if bad:
+            raise NonFiniteError(f"adapter weights {bad[:3]} hold non-finite values; nothing was saved")
+        return values
 
     @staticmethod
     def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
@@ -253,7 +279,7 @@ class TrainingRecipe:
         from safetensors.torch import save_file
 
         module = self.engine.module
-        final = self._level_values()
+        final = self._check_finite()
         tensors = {name: value for values in final.values() for name, value in values.items()}
         levels = {name: level.value for level, values in final.items() for name in values}
         # How far each level moved: a frozen outer level (the bf16 magnitude stall) shows as 0.
@@ -279,3 +305,5 @@ class TrainingRecipe:
         if self.rank == 0:
             self.metrics_file.close()
         dist.barrier()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()

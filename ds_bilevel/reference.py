@@ -38,6 +38,7 @@ class ReferenceBilevel:
         self.batches: dict[Objective, Batch] = {}
         self.losses: dict[Objective, float] = {}
         self._masters: list[torch.Tensor] | None = None
+        self._initial_inner = [p.detach().clone() for p in self.params[Level.INNER]]
 
     # ---- hypergrad.BilevelProblem ----------------------------------------------------------
     def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -109,8 +110,16 @@ class ReferenceBilevel:
                     layer.aux_B.mul_(factor)
         return self.losses[Objective.INNER]
 
+    @torch.no_grad()
+    def start_retraining(self) -> None:
+        for param, value in zip(self.params[Level.INNER], self._initial_inner, strict=True):
+            param.copy_(value)
+        self.optimizer.reset_state(Level.INNER)
+        self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
+
     def step(self, kind: str, batch: Batch) -> float:
-        return {"inner": self.inner_step, "outer": self.outer_step, "sharpness": self.sharpness_step}[kind](batch)
+        return {"inner": self.inner_step, "retrain": self.inner_step, "outer": self.outer_step,
+                "sharpness": self.sharpness_step}[kind](batch)
 
 
 def run_reference(run: RunConfig, global_batch: int) -> dict[str, torch.Tensor]:
@@ -127,6 +136,9 @@ def run_reference(run: RunConfig, global_batch: int) -> dict[str, torch.Tensor]:
     model = data.model
     reference = ReferenceBilevel(model, run)
     sources = batch_sources(run, reference.mode, data, 0, 1)
-    for kind, index in events(reference.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps):
+    for kind, index in events(reference.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps,
+                              run.bilevel.retrain_steps):
+        if kind == "retrain" and index == 0:
+            reference.start_retraining()
         reference.step(kind, sources[kind].batch(index))
     return {name: p.detach().clone() for level in Level for name, p in named_level_parameters(model, level)}

@@ -7,7 +7,8 @@ cannot drift apart:
 - sharpness (Bi-LoRA): every step runs one pass on the whole training set, the inner
   level descends and the outer (auxiliary) level ascends;
 - bilevel (BiLoRA, BiDoRA): T1 = unroll_steps inner steps on D1, then T2 = outer_steps
-  outer steps on D2 with a hypergradient.
+  outer steps on D2 with a hypergradient; then, optionally, ``retrain_steps`` "retrain"
+  steps of the inner level alone on D1 + D2 (BiDoRA's retraining phase).
 
 ``max_steps`` counts inner steps. The D1/D2 split is a seeded permutation of the training
 set: the first ``split_ratio`` share is D1.
@@ -31,8 +32,9 @@ def split_d1_d2(num_examples: int, ratio: float, seed: int) -> tuple[list[int], 
     return sorted(order[:cut]), sorted(order[cut:])
 
 
-def events(mode: str, max_steps: int, unroll_steps: int = 1, outer_steps: int = 1) -> Iterator[tuple[str, int]]:
-    """("inner" | "sharpness" | "outer", index of that kind of step), in order."""
+def events(mode: str, max_steps: int, unroll_steps: int = 1, outer_steps: int = 1,
+           retrain_steps: int = 0) -> Iterator[tuple[str, int]]:
+    """("inner" | "sharpness" | "outer" | "retrain", index of that kind of step), in order."""
     outer = 0
     for step in range(max_steps):
         yield ("sharpness" if mode == "sharpness" else "inner"), step
@@ -40,6 +42,8 @@ def events(mode: str, max_steps: int, unroll_steps: int = 1, outer_steps: int = 
             for _ in range(outer_steps):
                 yield "outer", outer
                 outer += 1
+    for step in range(retrain_steps if mode == "bilevel" else 0):
+        yield "retrain", step
 
 
 def outer_step_count(mode: str, max_steps: int, unroll_steps: int, outer_steps: int) -> int:

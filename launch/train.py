@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -71,19 +73,48 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
+    from ds_bilevel.distributed import failure_line, release_shm_buffers
+    from ds_bilevel.engine import NonFiniteError
     from ds_bilevel.recipe import TrainingRecipe
 
     recipe = TrainingRecipe(run, ds_config)
-    recipe.setup()
-    summary = recipe.save(recipe.train())
-    if recipe.rank == 0:
-        print_summary(summary)
-        print(json.dumps(summary))
-    recipe.cleanup()  # ends with a barrier: no collective follows
-    from ds_bilevel.distributed import release_shm_buffers
-
-    release_shm_buffers()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        recipe.setup()
+        summary = recipe.save(recipe.train())
+        if recipe.rank == 0:
+            print_summary(summary)
+            print(json.dumps(summary))
+        recipe.cleanup()  # ends with a barrier: no collective follows
+    except NonFiniteError as error:  # raised by every rank at the same step
+        if recipe.rank == 0:
+            report(f"error: {error}")
+        return 1
+    except Exception as error:
+        if getattr(recipe, "rank", None) is None:
+            raise  # failed before the process group existed: the traceback says it all
+        traceback.print_exc()
+        report(f"error: {failure_line(recipe.rank, error, recipe.heartbeat)}")
+        return 1
+    finally:
+        release_shm_buffers()
     return 0
+
+
+def report(line: str) -> None:
+    """An error line on stderr, on a line of its own even while a progress bar is drawn."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+class Stopped(RuntimeError):
+    """SIGTERM: the launcher stops every rank when one of them fails (or the job is cancelled)."""
+
+
+def stop_on_sigterm(signum, frame):
+    raise Stopped("stopped by SIGTERM (the launcher stops all ranks when one fails, or the job was cancelled)")
 
 
 if __name__ == "__main__":

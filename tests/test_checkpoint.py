@@ -18,31 +18,35 @@ SMALL = ["--model_name_or_path", "builtin:micro-llama", "--data.train_size", "64
          "--micro_batch_size", "2", "--max_steps", "6", "--learning_rate", "1e-2", "--log_steps", "1"]
 
 
-@pytest.mark.parametrize(("stage", "method", "extra"), [
-    (2, "bidora", ["--hypergrad", "darts", "--gradient_accumulation_steps", "2"]),
-    (3, "bilora_sam", []),
+@pytest.mark.parametrize(("stage", "method", "extra", "save_steps"), [
+    (2, "bidora", ["--hypergrad", "darts", "--gradient_accumulation_steps", "2"], 3),
+    (3, "bilora_sam", [], 3),
+    # 6 bi-level steps then 3 of retraining; the checkpoint at 8 lies inside the retraining phase
+    (2, "bidora", ["--hypergrad", "first_order", "--bilevel.retrain_steps", "3"], 4),
 ])
-def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra):
+def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_steps):
     config = write_ds_config(tmp_path, stage, bf16=False)
     common = ["--ds_config", str(config), "--method", method, *SMALL, *extra]
     full = tmp_path / "full"
-    result = launch([*common, "--output_dir", str(full), "--save_steps", "3"])
+    result = launch([*common, "--output_dir", str(full), "--save_steps", str(save_steps)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (full / "checkpoints" / "latest").read_text().strip() == "step3"  # none at the last step
+    total = run_summary(full)["steps"]
+    last = save_steps * ((total - 1) // save_steps)  # none at the last step
+    assert (full / "checkpoints" / "latest").read_text().strip() == f"step{last}"
 
     # A second run folder holding only the step-3 checkpoint, resumed with "latest".
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints", resumed / "checkpoints")
-    assert resolve("latest", resumed) == (resumed / "checkpoints", "step3")
+    assert resolve("latest", resumed) == (resumed / "checkpoints", f"step{last}")
     result = launch([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
 
     expected, got = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert set(got) == set(expected)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
-    # the resumed run trained only steps 4-6 and kept the first run's starting numbers
+    # the resumed run trained only the steps after the checkpoint and kept the first run's starting numbers
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train_loss" in r] == [4, 5, 6]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(last + 1, total + 1))
     assert run_summary(resumed)["eval_loss_before"] == run_summary(full)["eval_loss_before"]
 
 

@@ -33,6 +33,9 @@ class BilevelConfig:
     """Step of the Neumann series, p = alpha sum_k (I - alpha H)^k v (0: the inner learning rate)."""
     cg_steps: int = 3
     """K: conjugate-gradient iterations for H p = v."""
+    retrain_steps: int = 0
+    """BiDoRA's retraining phase: after the bi-level steps, freeze the outer level and train the inner
+    level again from its initial values on all the training data (D1 + D2) for N steps (0: none)."""
 
     def validate(self) -> None:
         if self.hypergrad not in HYPERGRAD_METHODS:
@@ -47,7 +50,7 @@ class BilevelConfig:
             raise ValueError(f"bilevel.split_ratio: {self.split_ratio!r} must be in (0, 1)")
         if not self.hypergrad_eps > 0:
             raise ValueError(f"bilevel.hypergrad_eps: {self.hypergrad_eps!r} must be > 0")
-        for name in ("outer_learning_rate", "outer_weight_decay", "neumann_alpha"):
+        for name in ("outer_learning_rate", "outer_weight_decay", "neumann_alpha", "retrain_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"bilevel.{name}: {getattr(self, name)!r} must be >= 0")
 

@@ -19,9 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def kill_in_save(rank: int, call: int) -> None:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
     import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     original, calls = TorchCheckpointEngine.save, [0]
 

@@ -27,6 +27,7 @@ CASES = {  # name -> settings; shared settings below
     "bidora-cg": {"adapter.method": "bidora", "bilevel.hypergrad": "cg", "bilevel.cg_steps": 2,
                   "bilevel.unroll_steps": 2},
     "bilora_sam": {"adapter.method": "bilora_sam", "adapter.rho": 0.02},
+    "bidora-retrain": {"adapter.method": "bidora", "bilevel.hypergrad": "first_order", "bilevel.retrain_steps": 2},
 }
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
 STAGES = {"stage0": {"stage": 0}, "stage1": {"stage": 1}, "stage2": {"stage": 2},
