@@ -1,0 +1,219 @@
+"""The generalisation study's synthetic world: a lexicon, a pre-training corpus, a downstream task.
+
+Adjectives, function words and labels are one-letter words (one token each), nouns and
+fillers two-letter pseudo-words. Adjectives carry a sentiment; the pre-training grammar makes it learnable from
+co-occurrence alone ("X is A1 and A2": same sentiment, "A1 but A2": opposite, "not A1 so it
+is A2": negation flips it). The downstream task classifies "N is [not] A [fillers]" by its
+effective sentiment (that of A, flipped by "not"), written as one of two label words that
+never occur in pre-training. Few training examples, a share of them with flipped labels,
+and a clean test set drawn from the same distribution.
+
+The base model is pre-trained here in plain PyTorch (one process) and cached under
+``~/.cache/ds_bilevel/bench/pretrained-<hash of the settings>/`` as an HF folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CACHE_ROOT = Path.home() / ".cache" / "ds_bilevel" / "bench"
+CONSONANTS, VOWELS = "bdfgjkmnprstvwz", "aeiou"  # no h/l: "he", "la", "le" are merged pieces
+SINGLE_TOKEN_WORDS = "abcdefghijklmnopqrstuvwxyzIRW"  # each " x" is one piece of the builtin tokenizer
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Lexicon and pre-training settings (their hash names the cached model)."""
+
+    lexicon_seed: int = 1234
+    adjectives_per_sentiment: int = 8
+    nouns: int = 16
+    fillers: int = 8
+    model: str = "builtin:tiny-llama"  # the LlamaConfig family, with the sizes below, trained from scratch
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    pretrain_sentences: int = 40_000
+    pretrain_steps: int = 800
+    pretrain_batch: int = 64
+    pretrain_lr: float = 2e-3
+    pretrain_seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    nouns: tuple[str, ...]
+    fillers: tuple[str, ...]
+    function: dict  # role -> word: is, and, but, not, so, it, i
+    verbs: tuple[tuple[str, ...], tuple[str, ...]]  # ("hate"-like, "love"-like): follow the sentiment
+    labels: tuple[str, str]  # label word for negative, positive sentiment
+
+
+def make_lexicon(world: WorldConfig) -> Lexicon:
+    """Adjectives, function words, verbs and labels are single tokens (the builtin tokenizer's
+    one-letter words): their sentiment is then a property of one embedding. Nouns and fillers
+    (the distractors) are two-letter pseudo-words."""
+    rng = random.Random(world.lexicon_seed)
+    singles, pairs = list(SINGLE_TOKEN_WORDS), [c + v for c in CONSONANTS for v in VOWELS]
+    rng.shuffle(singles)
+    rng.shuffle(pairs)
+    one, two = iter(singles), iter(pairs)
+    a = world.adjectives_per_sentiment
+    positive, negative = tuple(next(one) for _ in range(a)), tuple(next(one) for _ in range(a))
+    function = {role: next(one) for role in ("is", "and", "but", "not", "so", "it", "i")}
+    verbs = ((next(one),), (next(one),))
+    labels = (next(one), next(one))
+    nouns, fillers = tuple(next(two) for _ in range(world.nouns)), tuple(next(two) for _ in range(world.fillers))
+    return Lexicon(positive, negative, nouns, fillers, function, verbs, labels)
+
+
+def _adjective(lex: Lexicon, positive: bool, rng: random.Random) -> str:
+    return rng.choice(lex.positive if positive else lex.negative)
+
+
+def _sprinkle(words: list[str], lex: Lexicon, rng: random.Random, most: int = 2) -> list[str]:
+    """Insert 0..most filler words at random positions after the first word (noise to ignore)."""
+    for _ in range(rng.randint(0, most)):
+        words.insert(rng.randint(1, len(words)), rng.choice(lex.fillers))
+    return words
+
+
+def pretraining_sentence(lex: Lexicon, rng: random.Random) -> str:
+    w, pol = lex.function, rng.random() < 0.5
+    noun, a1 = rng.choice(lex.nouns), _adjective(lex, pol, rng)
+    kind = rng.randrange(6)
+    if kind >= 4:  # "so i love/hate it": the sentiment, possibly negated, decides the verb
+        negated = kind == 5
+        words = [noun, w["is"]] + [w["not"]] * negated + [a1, w["so"], w["i"], rng.choice(lex.verbs[pol != negated])]
+    elif kind == 0:  # same sentiment
+        words = [noun, w["is"], a1, w["and"], _adjective(lex, pol, rng)]
+    elif kind == 1:  # contrast
+        words = [noun, w["is"], a1, w["but"], _adjective(lex, not pol, rng)]
+    elif kind == 2:  # negation flips the sentiment
+        words = [noun, w["is"], w["not"], a1, w["so"], w["it"], w["is"], _adjective(lex, not pol, rng)]
+    else:
+        words = [noun, w["is"], a1, w["so"], w["it"], w["is"], _adjective(lex, pol, rng)]
+    return " ".join(_sprinkle(words, lex, rng))
+
+
+def task_example(lex: Lexicon, rng: random.Random, negation: float = 0.5) -> dict:
+    """{"text", "label"}: label 1 when the effective sentiment is positive ("not" with probability negation)."""
+    pol, negated = rng.random() < 0.5, rng.random() < negation
+    words = [rng.choice(lex.nouns), lex.function["is"]] + ([lex.function["not"]] if negated else [])
+    words += [_adjective(lex, pol, rng)]
+    return {"text": " ".join(_sprinkle(words, lex, rng)), "label": int(pol != negated)}
+
+
+def make_task(lex: Lexicon, n_train: int, n_test: int, noise: float, seed: int,
+              negation: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """(train, test): exactly round(noise * n_train) training labels flipped (marked "noisy"),
+    the test set clean. Every seed draws its own examples and its own flipped ones."""
+    rng = random.Random(seed * 7_919 + 11)
+    train = [task_example(lex, rng, negation) for _ in range(n_train)]
+    test = [task_example(lex, rng, negation) for _ in range(n_test)]
+    flipped = set(rng.sample(range(n_train), round(noise * n_train)))
+    for i, example in enumerate(train):
+        example["clean_label"] = example["label"]
+        example["noisy"] = i in flipped
+        if example["noisy"]:
+            example["label"] = 1 - example["label"]
+    return train, test
+
+
+# ---- pre-training ---------------------------------------------------------------------------
+
+def pretrained_model(world: WorldConfig, log=print) -> Path:
+    """The cached pre-trained HF folder for these settings, pre-training it on a miss."""
+    folder = CACHE_ROOT / f"pretrained-{world.key()}"
+    if (folder / "pretraining.json").is_file():
+        return folder
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ds_bilevel.builtin.model import builtin_llama_config
+    from ds_bilevel.builtin.tokenizer import load_builtin_tokenizer
+
+    start = time.perf_counter()
+    tokenizer, lex = load_builtin_tokenizer(), make_lexicon(world)
+    rng = random.Random(world.pretrain_seed)
+    lines = [pretraining_sentence(lex, rng) for _ in range(world.pretrain_sentences)]
+    encoded = [tokenizer(line).input_ids + [tokenizer.eos_token_id] for line in lines]
+    torch.manual_seed(world.pretrain_seed)
+    sizes = {k: getattr(world, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads")}
+    model = LlamaForCausalLM(builtin_llama_config(world.model, len(tokenizer), **sizes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=world.pretrain_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, world.pretrain_lr, total_steps=world.pretrain_steps,
+                                                   pct_start=0.05)
+    generator = torch.Generator().manual_seed(world.pretrain_seed)
+    losses = []
+    model.train()
+    for step in range(world.pretrain_steps):
+        rows = [encoded[i] for i in torch.randint(len(encoded), (world.pretrain_batch,), generator=generator)]
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), length), -100)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], labels[i, :len(row)] = torch.tensor(row), torch.tensor(row)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 250 == 0 or step == world.pretrain_steps - 1:
+            log(f"pretrain step {step}: loss {loss.item():.3f}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    info = {"settings": asdict(world), "final_loss": sum(losses[-50:]) / 50, "first_loss": losses[0],
+            "seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
+            "sentiment_probe_accuracy": sentiment_probe(model, tokenizer, lex)}
+    log(f"pretrained in {info['seconds']:.0f} s: loss {info['final_loss']:.3f}, "
+        f"sentiment probe {info['sentiment_probe_accuracy']:.3f}")
+    (tmp / "pretraining.json").write_text(json.dumps(info, indent=2))
+    tmp.rename(folder)
+    return folder
+
+
+def sentiment_probe(model, tokenizer, lex: Lexicon, n: int = 200, seed: int = 99) -> float:
+    """Zero-shot check that pre-training learned sentiment: after "N is [not] A so i", is the
+    total probability of the verbs of the effective sentiment the larger one?"""
+    import torch
+
+    rng, w, right = random.Random(seed), lex.function, 0
+    candidates = list(lex.verbs[1]) + list(lex.verbs[0])
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n):
+            pol, negated = rng.random() < 0.5, rng.random() < 0.5
+            words = [rng.choice(lex.nouns), w["is"]] + ([w["not"]] if negated else [])
+            prefix = " ".join(words + [_adjective(lex, pol, rng), w["so"], w["i"]])
+            rows = [tokenizer(f"{prefix} {a}").input_ids for a in candidates]
+            start = len(tokenizer(prefix).input_ids)
+            ids = torch.tensor(rows)  # every adjective has the same number of pieces here or not:
+            if len({len(r) for r in rows}) > 1:  # pad when lengths differ
+                length = max(map(len, rows))
+                ids = torch.tensor([r + [tokenizer.pad_token_id] * (length - len(r)) for r in rows])
+            logp = model(input_ids=ids).logits.log_softmax(-1)
+            scores = []
+            for i, row in enumerate(rows):
+                scores.append(sum(logp[i, t - 1, row[t]].item() for t in range(start, len(row))))
+            half = len(lex.verbs[1])
+            positive = torch.tensor(scores[:half]).logsumexp(0) > torch.tensor(scores[half:]).logsumexp(0)
+            right += int(bool(positive) == (pol != negated))
+    model.train()
+    return right / n
