@@ -110,7 +110,8 @@ def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = 
         return load_classifier(name, labels, seed, dtype, trust_remote_code)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)  # never unpickle a checkpoint
 
 
 def load_classifier(name: str, labels: list[str], seed: int, dtype: torch.dtype, trust_remote_code: bool):
@@ -123,7 +124,7 @@ def load_classifier(name: str, labels: list[str], seed: int, dtype: torch.dtype,
     from ds_bilevel.heads import head_name
 
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        name, dtype=dtype, trust_remote_code=trust_remote_code, num_labels=len(labels),
+        name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         output_loading_info=True, ignore_mismatched_sizes=True)
     head = head_name(model)

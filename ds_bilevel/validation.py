@@ -23,6 +23,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from ds_bilevel.builtin.model import is_builtin
 from ds_bilevel.config import RunConfig
 from ds_bilevel.ds_config import fill_ds_config, read_ds_config, zero_stage
 
@@ -102,7 +103,7 @@ def model_skeleton(run: RunConfig):
     """The model with every tensor on the meta device: its modules and shapes, no weights."""
     from accelerate import init_empty_weights
 
-    from ds_bilevel.builtin.model import builtin_llama_config, is_builtin
+    from ds_bilevel.builtin.model import builtin_llama_config
 
     name = run.model_name_or_path
     if is_builtin(name):
@@ -137,11 +138,22 @@ def check_model(run: RunConfig) -> None:
     encoder = encoder_skeleton(run.model_name_or_path, run.trust_remote_code)  # heads.py: with its head
     if encoder is None:
         target_layer_names(model_skeleton(run), run.adapter)
-        return
-    if run.data.format != "classification":
+    elif run.data.format != "classification":
         raise ValueError(f"data.format: {run.data.format!r} needs a causal LM, but {run.model_name_or_path} is an "
                          f"encoder (heads.py); allowed with it: classification")
-    target_layer_names(encoder, run.adapter, exclude=(head_name(encoder),))
+    else:
+        target_layer_names(encoder, run.adapter, exclude=(head_name(encoder),))
+    if not is_builtin(run.model_name_or_path):
+        check_model_weights(Path(run.model_name_or_path))
+
+
+def check_model_weights(folder: Path) -> None:
+    """Weights as safetensors, whole: a truncated download fails here in one line, not in torch."""
+    from ds_bilevel.files import check_weights_folder
+
+    if not check_weights_folder(folder, "model_name_or_path"):
+        raise ValueError(f"model_name_or_path: {folder} holds no *.safetensors weights; allowed: a folder written "
+                         f"by save_pretrained (safetensors)")
 
 
 @contextlib.contextmanager

@@ -49,3 +49,55 @@ def test_a_corrupt_header_and_pickled_weights_are_refused(weights, tmp_path):
     torch.save({"a": torch.ones(1)}, pickled / "pytorch_model.bin")
     with pytest.raises(ValueError, match="holds pickled weights"):
         check_weights_folder(pickled, "model_name_or_path")
+
+
+def run_command(script: str, *args: str):
+    import subprocess
+    import sys
+
+    from launch_helpers import REPO, cpu_env
+
+    return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def truncate(path, keep_fraction: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def test_truncated_model_weights_stop_training_before_launch(tmp_path):
+    from ds_bilevel.builtin.model import build_builtin_model
+    from ds_bilevel.models import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:micro-llama")
+    folder = tmp_path / "model"
+    build_builtin_model("builtin:micro-llama", len(tokenizer), seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    truncate(folder / "model.safetensors")
+    out = tmp_path / "out"
+    result = run_command("train.py", "--model_name_or_path", str(folder), "--output_dir", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: model_name_or_path: {folder / 'model.safetensors'} is truncated or damaged"), result.stderr
+    assert not out.exists()
+
+
+def test_truncated_adapters_stop_the_export(tmp_path):
+    import json
+
+    from ds_bilevel.config import RunConfig, config_to_dict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(config_to_dict(RunConfig())))
+    save_file({"x": torch.randn(256)}, str(run / "adapter_model.safetensors"), metadata={"method": "lora"})
+    truncate(run / "adapter_model.safetensors")
+    out = tmp_path / "export"
+    result = run_command("export.py", "--checkpoint_dir", str(run), "--output_dir", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: checkpoint_dir: {run / 'adapter_model.safetensors'} is truncated or damaged"), result.stderr
+    assert not out.exists()

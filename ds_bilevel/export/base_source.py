@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from ds_bilevel.builtin.model import is_builtin
 from ds_bilevel.export.run_folder import ExportError, RunFolder
+from ds_bilevel.files import check_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,6 +54,7 @@ class SafetensorsFolder:
         self.files: dict[str, list[str]] = {}
         self.specs: list[TensorSpec] = []
         for file in files:
+            check_safetensors(folder / file, "model_name_or_path")
             with safe_open(str(folder / file), "pt") as f:
                 self.files[file] = list(f.keys())
                 for key in self.files[file]:

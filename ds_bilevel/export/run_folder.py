@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ds_bilevel.adapters import METHODS, AdapterConfig, AdapterLayer
+from ds_bilevel.files import check_safetensors
 from ds_bilevel.heads import is_head_tensor
 from ds_bilevel.levels import Level
 
@@ -81,6 +82,7 @@ def read_run_folder(path: str | Path, base_model: str | None = None) -> RunFolde
                     seed=int(values.get("seed", 0)), trust_remote_code=bool(values.get("trust_remote_code", False)),
                     adapter=read_adapter_config(values["adapter"]),
                     labels=json.loads((path / LABELS_FILE).read_text()) if (path / LABELS_FILE).is_file() else None)
+    check_safetensors(path / ADAPTER_FILE, "checkpoint_dir")  # truncated or damaged: one clear line
     try:
         with safe_open(str(path / ADAPTER_FILE), "pt") as f:
             saved_method = (f.metadata() or {}).get("method", run.method)
