@@ -72,6 +72,7 @@ def test_survivor_exits_within_the_timeout_and_names_the_failed_rank(tmp_path, h
             if process is not None and process.is_running():
                 for p in [*process.children(recursive=True), process]:
                     p.kill()
+    print(f"{how}: the survivor exited with {nodes[0].returncode} after {waited:.1f} s")  # docs/failures.md
     assert nodes[0].returncode != 0
     assert waited < TIMEOUT_S + 15, waited  # bounded by the setting (plus naming the rank, 3 s)
     errors = [line for line in output.splitlines() if line.startswith("error: rank 0:")]
