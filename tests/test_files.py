@@ -51,14 +51,19 @@ def test_a_corrupt_header_and_pickled_weights_are_refused(weights, tmp_path):
         check_weights_folder(pickled, "model_name_or_path")
 
 
-def run_command(script: str, *args: str):
+def assert_refused(script: str, args: list[str], out, expected_line: str) -> None:
+    """launch/<script> exits 2 with exactly ``expected_line``'s start on stderr and writes no ``out``."""
     import subprocess
     import sys
 
     from launch_helpers import REPO, cpu_env
 
-    return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=cpu_env(),
-                          capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(REPO / "launch" / script), *args, "--output_dir", str(out)],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected_line), result.stderr
+    assert not out.exists()
 
 
 def truncate(path, keep_fraction: float = 0.5) -> None:
@@ -75,13 +80,8 @@ def test_truncated_model_weights_stop_training_before_launch(tmp_path):
     build_builtin_model("builtin:micro-llama", len(tokenizer), seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     truncate(folder / "model.safetensors")
-    out = tmp_path / "out"
-    result = run_command("train.py", "--model_name_or_path", str(folder), "--output_dir", str(out))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        f"error: model_name_or_path: {folder / 'model.safetensors'} is truncated or damaged"), result.stderr
-    assert not out.exists()
+    assert_refused("train.py", ["--model_name_or_path", str(folder)], tmp_path / "out",
+                   f"error: model_name_or_path: {folder / 'model.safetensors'} is truncated or damaged")
 
 
 def test_truncated_adapters_stop_the_export(tmp_path):
@@ -94,10 +94,5 @@ def test_truncated_adapters_stop_the_export(tmp_path):
     (run / "run_config.json").write_text(json.dumps(config_to_dict(RunConfig())))
     save_file({"x": torch.randn(256)}, str(run / "adapter_model.safetensors"), metadata={"method": "lora"})
     truncate(run / "adapter_model.safetensors")
-    out = tmp_path / "export"
-    result = run_command("export.py", "--checkpoint_dir", str(run), "--output_dir", str(out))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        f"error: checkpoint_dir: {run / 'adapter_model.safetensors'} is truncated or damaged"), result.stderr
-    assert not out.exists()
+    assert_refused("export.py", ["--checkpoint_dir", str(run)], tmp_path / "export",
+                   f"error: checkpoint_dir: {run / 'adapter_model.safetensors'} is truncated or damaged")
