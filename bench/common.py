@@ -46,7 +46,7 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def launch(script: Path, args: list[str], ranks: int, timeout: int = 3600) -> str:
+def launch(script: Path, args: list[str], ranks: int, timeout: int = 3600, env: dict | None = None) -> str:
     """Run ``script args`` on ``ranks`` local ranks through the deepspeed launcher; its stdout.
 
     A failed launch raises with the end of its stderr, after removing the shared-memory
@@ -54,7 +54,8 @@ def launch(script: Path, args: list[str], ranks: int, timeout: int = 3600) -> st
     port = free_port()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(port), str(script), *args]
-    result = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env={**launch_env(), **(env or {})}, capture_output=True, text=True,
+                            timeout=timeout)
     if result.returncode != 0:
         for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
             Path(path).unlink(missing_ok=True)
@@ -82,6 +83,17 @@ def steady_rate(metrics_path: Path, warmup: int = WARMUP) -> dict:
             "timed_steps": last["step"] - first["step"]}
 
 
+def derived_ds_config(base: str, folder: Path, zero: dict) -> str:
+    """A copy of the DeepSpeed config ``base`` with ``zero`` merged into zero_optimization,
+    written to ``folder``/DS.json (kept next to the runs it served)."""
+    config = json.loads((REPO / base).read_text())
+    config["zero_optimization"].update(zero)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "DS.json"
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
 def timed_args(model: str, steps: int, ds_config: str) -> list[str]:
     """train.py flags of a timed run: no evaluation inside the loop, a small one before and after
     (outside the timing) at the training micro batch, so that it cannot raise the memory peak."""
@@ -90,10 +102,11 @@ def timed_args(model: str, steps: int, ds_config: str) -> list[str]:
             "--gradient_accumulation_steps", "2", "--adapter.rank", "8", "--adapter.alpha", "16"]
 
 
-def train(args: list[str], output_dir: Path, ranks: int = 2, timed: bool = True, timeout: int = 3600) -> dict:
+def train(args: list[str], output_dir: Path, ranks: int = 2, timed: bool = True, timeout: int = 3600,
+          env: dict | None = None) -> dict:
     """launch/train.py with ``args``: its summary, plus the steady rate (warm-up excluded) when ``timed``."""
     args = [*args, "--output_dir", str(output_dir), "--overwrite_output_dir", "true", "--log_steps", str(WARMUP)]
-    summary = last_json_line(launch(REPO / "launch" / "train.py", args, ranks, timeout))
+    summary = last_json_line(launch(REPO / "launch" / "train.py", args, ranks, timeout, env))
     rate = steady_rate(output_dir / "metrics.jsonl") if timed else {}
     return {**rate, "peak_memory_gb_per_rank": summary["peak_memory_gb_per_rank"],
             "train_time_s": summary["train_time_s"], "tokens_per_s_all_steps": summary["tokens_per_s"]}

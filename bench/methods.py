@@ -32,9 +32,11 @@ BILORA_TIME, BILEVEL_MEMORY = 1.05, 1.10
 """Targets: Bi-LoRA's time and any bi-level method's peak memory as multiples of LoRA's."""
 
 
-def measure(args: list[str], repeats: int, ranks: int) -> dict[str, list[dict]]:
+def measure(args: list[str], repeats: int, ranks: int, after_repeat=None) -> dict[str, list[dict]]:
     samples = {name: [] for name in CONFIGS}
     for repeat in range(repeats):
+        if repeat and after_repeat:
+            after_repeat(samples)  # keep what is measured if a long benchmark is stopped
         for name, config in CONFIGS.items():
             load = os.getloadavg()[0]
             result = train([*args, *method_args(*config)], RUNS / f"methods_{name.replace(' ', '_')}", ranks)
@@ -95,9 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     args = timed_args(options.model, options.steps, options.ds_config)
     info = machine()
-    samples = measure(args, options.repeats, options.ranks)
-    rows = summarise(samples)
-    path = save("methods", {"machine": info, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                            "ranks": options.ranks, "train_args": args, "rows": rows, "samples": samples})
+
+    def record(samples: dict) -> tuple[list[dict], object]:
+        rows = summarise(samples)
+        return rows, save("methods", {"machine": info, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                                      "ranks": options.ranks, "train_args": args, "rows": rows, "samples": samples})
+
+    rows, path = record(measure(args, options.repeats, options.ranks, after_repeat=record))
     print(markdown(rows))
     print(f"results: {path}")

@@ -12,24 +12,14 @@ the step's time and the wall time including building the model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
-from bench.common import REPO, RUNS, machine, save, train
+from bench.common import RUNS, derived_ds_config, machine, save, train
 
 ARGS = ["--model_name_or_path", "builtin:llama-2-7b-shape", "--method", "bidora", "--hypergrad", "darts",
         "--max_steps", "1", "--micro_batch_size", "1", "--gradient_accumulation_steps", "1", "--data.train_size", "16",
         "--data.eval_size", "2", "--data.max_length", "32", "--eval_batch_size", "1", "--eval_steps", "0"]
-
-
-def ds_config(folder) -> str:
-    config = json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text())
-    config["zero_optimization"].update(stage3_max_live_parameters=3e8, stage3_prefetch_bucket_size=5e7)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "DS.json"
-    path.write_text(json.dumps(config, indent=2))
-    return str(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     info = machine()
     start = time.perf_counter()
-    args = ["--ds_config", ds_config(RUNS / "scale7b_config"), *ARGS]
+    config = derived_ds_config("ds_configs/cpu_zero3.json", RUNS / "scale7b_config",
+                               {"stage3_max_live_parameters": 3e8, "stage3_prefetch_bucket_size": 5e7})
+    args = ["--ds_config", config, *ARGS]
     result = train(args, RUNS / "scale7b", options.ranks, timed=False, timeout=4 * 3600)
     result.update(wall_s=time.perf_counter() - start, ranks=options.ranks, train_args=args,
                   loadavg_end=[round(x, 2) for x in os.getloadavg()])
