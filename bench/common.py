@@ -94,6 +94,19 @@ def derived_ds_config(base: str, folder: Path, zero: dict) -> str:
     return str(path)
 
 
+def timed_parser(name: str, doc: str):
+    """The options every timed comparison shares (repeats, steps, model, DeepSpeed config, ranks)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m bench {name}", description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60, help=f"steps per run (the first {WARMUP} untimed)")
+    parser.add_argument("--model", default="builtin:tiny-llama")
+    parser.add_argument("--ds_config", default="ds_configs/cpu_zero2.json")
+    parser.add_argument("--ranks", type=int, default=2)
+    return parser
+
+
 def timed_args(model: str, steps: int, ds_config: str) -> list[str]:
     """train.py flags of a timed run: no evaluation inside the loop, a small one before and after
     (outside the timing) at the training micro batch, so that it cannot raise the memory peak."""

@@ -13,10 +13,9 @@ pass is DoRA's, BiLoRA's and Bi-LoRA's are LoRA's plus their small extras).
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from bench.common import RUNS, machine, save, show, spread, table, timed_args, train
+from bench.common import RUNS, machine, save, show, spread, table, timed_args, timed_parser, train
 from bench.passes import analytic_passes, method_args
 
 # name: (method, hypergrad, unroll steps); None for methods without an outer hypergradient.
@@ -88,12 +87,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench methods", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60, help="inner steps per run (the first 10 untimed)")
-    parser.add_argument("--model", default="builtin:tiny-llama")
-    parser.add_argument("--ds_config", default="ds_configs/cpu_zero2.json")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser = timed_parser("methods", __doc__)
     options = parser.parse_args(argv)
     args = timed_args(options.model, options.steps, options.ds_config)
     info = machine()

@@ -11,7 +11,6 @@ the first ``WARMUP`` steps; memory is each rank's peak (ru_maxrss on CPU, max al
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from bench.common import (
@@ -26,6 +25,7 @@ from bench.common import (
     spread,
     table,
     timed_args,
+    timed_parser,
     train,
 )
 
@@ -78,12 +78,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench peer", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (the first 10 untimed)")
-    parser.add_argument("--model", default="builtin:tiny-llama")
-    parser.add_argument("--ds_config", default="ds_configs/cpu_zero2.json")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser = timed_parser("peer", __doc__)
     parser.add_argument("--methods", default="lora,dora")
     options = parser.parse_args(argv)
     methods = options.methods.split(",")
