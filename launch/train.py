@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
-    from ds_bilevel.distributed import failure_line, release_shm_buffers
+    from ds_bilevel.distributed import failure_line, release_shm_buffers, return_large_frees_to_the_os
+    from ds_bilevel.ds_config import zero_stage
+
+    if not torch.cuda.is_available() and zero_stage(ds_config) == 3:
+        return_large_frees_to_the_os()  # gathered ZeRO-3 parameters must not stay resident on CPU ranks
     from ds_bilevel.engine import NonFiniteError
     from ds_bilevel.recipe import TrainingRecipe
 
