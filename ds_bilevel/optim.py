@@ -53,6 +53,11 @@ class LevelStepMixin:
         self.skipped = bool(active) and not all_ranks_finite(grads, also=self.loss_is_finite)
         if self.skipped:
             return None
+        # ZeRO-3 puts each flat fp32 partition into its group only for the duration of its step:
+        # remember which level each stepped tensor belongs to (for reset_state).
+        self.stepped = getattr(self, "stepped", {})
+        for group in active:
+            self.stepped.setdefault(group["level"], {}).update({id(p): p for p in group["params"]})
         self.param_groups = active
         try:
             return super().step(closure)
@@ -61,10 +66,9 @@ class LevelStepMixin:
 
     def reset_state(self, level: Level) -> None:
         """Forget the Adam moments and step counts of ``level`` (a restart from scratch)."""
-        for group in self.param_groups:
-            if group["level"] == level.value:
-                for param in group["params"]:
-                    self.state.pop(param, None)
+        listed = [p for group in self.param_groups if group["level"] == level.value for p in group["params"]]
+        for param in [*listed, *getattr(self, "stepped", {}).get(level.value, {}).values()]:
+            self.state.pop(param, None)
 
 
 class LevelAdamW(LevelStepMixin, torch.optim.AdamW):
