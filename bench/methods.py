@@ -31,12 +31,13 @@ BILORA_TIME, BILEVEL_MEMORY = 1.05, 1.10
 """Targets: Bi-LoRA's time and any bi-level method's peak memory as multiples of LoRA's."""
 
 
-def measure(args: list[str], repeats: int, ranks: int, after_repeat=None) -> dict[str, list[dict]]:
-    samples = {name: [] for name in CONFIGS}
+def measure(args: list[str], repeats: int, ranks: int, names: list[str], after_repeat=None) -> dict[str, list[dict]]:
+    samples = {name: [] for name in names}
     for repeat in range(repeats):
         if repeat and after_repeat:
             after_repeat(samples)  # keep what is measured if a long benchmark is stopped
-        for name, config in CONFIGS.items():
+        for name in names:
+            config = CONFIGS[name]
             load = os.getloadavg()[0]
             result = train([*args, *method_args(*config)], RUNS / f"methods_{name.replace(' ', '_')}", ranks)
             result["loadavg_1min_before"] = round(load, 2)
@@ -59,7 +60,8 @@ def summarise(samples: dict[str, list[dict]]) -> list[dict]:
         return max(s["peak_memory_gb_per_rank"])
 
     rows = []
-    for name, (method, hypergrad, unroll) in CONFIGS.items():
+    for name in samples:
+        method, hypergrad, unroll = CONFIGS[name]
         passes = analytic_passes(method, hypergrad, unroll)
         time_vs_lora = relative(samples, name, "lora", seconds)
         time_vs_sibling = relative(samples, name, SIBLING[method], seconds)
@@ -88,15 +90,23 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = timed_parser("methods", __doc__)
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="a comma-separated subset (with lora and the siblings); results then go to "
+                             "methods_<subset>.json")
     options = parser.parse_args(argv)
     args = timed_args(options.model, options.steps, options.ds_config)
     info = machine()
+    names = options.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or "lora" not in names or any(SIBLING[CONFIGS[n][0]] not in names for n in names):
+        parser.error(f"--configs: {names} must be names of {list(CONFIGS)}, with lora and each one's sibling")
+    result_name = "methods" if names == list(CONFIGS) else "methods_" + "_".join(n.replace(" ", "-") for n in names)
 
     def record(samples: dict) -> tuple[list[dict], object]:
         rows = summarise(samples)
-        return rows, save("methods", {"machine": info, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        return rows, save(result_name, {"machine": info, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                                       "ranks": options.ranks, "train_args": args, "rows": rows, "samples": samples})
 
-    rows, path = record(measure(args, options.repeats, options.ranks, after_repeat=record))
+    rows, path = record(measure(args, options.repeats, options.ranks, names, after_repeat=record))
     print(markdown(rows))
     print(f"results: {path}")
