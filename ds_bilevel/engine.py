@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from ds_bilevel.adapters.base import AdapterLayer
-from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
+from ds_bilevel.adapters.base import AdapterLayer, gathered
+from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor, scale_auxiliary_
 from ds_bilevel.config import RunConfig
 from ds_bilevel.ds_config import offloads_optimizer, zero_stage
 from ds_bilevel.hypergrad import HYPERGRADS, Objective
@@ -29,7 +29,14 @@ from ds_bilevel.levels import Level, adapter_layers, level_parameters, set_regul
 from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import LevelScheduler, build_optimizer, build_param_groups
 from ds_bilevel.schedule import Batch, outer_step_count
-from ds_bilevel.zero_access import full_grad, master_value, set_grad, set_master_value, write_compute_weight
+from ds_bilevel.zero_access import (
+    full_grad,
+    master_value,
+    scale_master_,
+    set_grad,
+    set_master_value,
+    write_compute_weight,
+)
 
 # The regularisers each objective includes: R1 (and BiDoRA's direction term) belong to the
 # inner objective, the binary lambda penalty R2 to the outer one.
@@ -59,6 +66,8 @@ class BilevelEngine:
 
         self.run, self.bilevel = run, run.bilevel
         self.mode = training_mode(model)
+        for layer in auxiliary_layers(model):  # Bi-LoRA's ascent happens in backward
+            layer.ascend_in_backward = True
         groups = {level: level_parameters(model, level) for level in Level}
         lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
         wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
@@ -212,11 +221,10 @@ class BilevelEngine:
 
     def sharpness_step(self, batch: Batch) -> float:
         """Bi-LoRA: one pass; the primary (inner) level descends, the auxiliary (outer) level
-        ascends (AdamW on the negated gradient), then the global clip to rho."""
+        ascends (AdamW on the gradient its layers' backward already negated, ascend_in_backward),
+        then the global clip to rho."""
         self.batches[Objective.INNER] = batch
         self._run_pass(Objective.INNER)
-        for param in self.params[Level.OUTER]:
-            set_grad(param, -full_grad(param))
         self._step_levels((Level.INNER, Level.OUTER), self.losses[Objective.INNER])
         self.scheduler.step(Level.INNER)
         self.scheduler.step(Level.OUTER)
@@ -224,18 +232,21 @@ class BilevelEngine:
         return self.losses[Objective.INNER]
 
     def clip_auxiliary(self) -> float:
-        """c = sqrt(sum_j ||s B2_j A2_j||_F^2) over every auxiliary module, from the fp32 masters
-        (full on every rank, so c is the same everywhere); if c > rho, scale the masters and the
-        compute weights of every B2 and A2 by sqrt(rho / c)."""
+        """c = sqrt(sum_j ||s B2_j A2_j||_F^2) over every auxiliary module, from the weights the
+        forward uses: whole on every rank at ZeRO 0-2, gathered in one call at ZeRO-3; the fp32
+        masters themselves in fp32, their bf16 rounding under bf16. c is the same on every rank.
+        If c > rho, every rank scales its share of the masters and its compute weights of every
+        B2 and A2 by sqrt(rho / c): no per-parameter communication (it was 2 collectives per
+        module, which cost Bi-LoRA more than its extra adapter)."""
         layers = auxiliary_layers(self.module)
-        values = [(layer, master_value(layer.aux_A), master_value(layer.aux_B)) for layer in layers]
-        sq = sum(layer.scaling**2 * (b.T @ b * (a @ a.T)).sum() for layer, a, b in values)
-        norm = float(sq) ** 0.5
+        params = [p for layer in layers for p in (layer.aux_A, layer.aux_B)]
+        with gathered(params), torch.no_grad():
+            norm = float(sum(layer.auxiliary_sq_norm() for layer in layers)) ** 0.5
         factor = clip_factor(norm, self.run.adapter.rho)
         if factor != 1.0:
-            for layer, a, b in values:
-                set_master_value(layer.aux_A, a * factor)
-                set_master_value(layer.aux_B, b * factor)
+            for param in params:
+                scale_master_(param, factor)
+            scale_auxiliary_(self.module, factor)
         return norm
 
     def start_retraining(self) -> None:

@@ -34,6 +34,19 @@ def set_master_value(param: nn.Parameter, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def scale_master_(param: nn.Parameter, factor: float) -> None:
+    """Multiply this rank's share of the fp32 master by ``factor``: no communication. Where
+    there is no separate master (fp32 without ZeRO), the compute weight is the master: the
+    caller scales it."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param) * factor)
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16: a view of the flat partition
+        param._hp_mapping.get_hp_fragment().mul_(factor)
+
+
+@torch.no_grad()
 def write_compute_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write ``value`` (full, fp32) into the weight the forward uses, cast to its dtype.
 

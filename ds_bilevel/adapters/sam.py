@@ -2,8 +2,10 @@
 
 The primary module (lora_A = A1, lora_B = B1) descends and is the inner level; the
 auxiliary module (aux_A = A2, aux_B = B2, rank ``aux_rank``) ascends and plays the outer
-role. Both see the same forward and backward: the layer only declares the levels, and the
-engine negates the auxiliary gradients for the ascent. After each step the auxiliary
+role. Both see the same forward and backward: the layer declares the levels, and with
+``ascend_in_backward`` (set by the engine) its backward hands the auxiliary parameters the
+negated gradient, so the optimizer's descent step is the ascent, with no extra pass and no
+gradient read-back. After each step the auxiliary
 modules are clipped together so that sqrt(sum_j ||s B2_j A2_j||_F^2) <= rho (the paper's
 global clipping; per-layer clipping did worse in its ablation). Inference drops the
 auxiliary module: ``merged_weight`` is LoRA's W0 + s B1 A1.
@@ -26,10 +28,26 @@ from ds_bilevel.adapters.lora import LoraLayer
 from ds_bilevel.levels import Level
 
 
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; backward negates the gradient (the gradient-reversal layer of Ganin and
+    Lempitsky, 2015). Applied to a parameter, not to an activation, so only that parameter's
+    gradient flips: the gradient flowing to the layer input is unchanged."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
 class BiLoraSamLayer(LoraLayer):
     """Primary (lora_A, lora_B) inner; auxiliary (aux_A, aux_B) outer."""
 
     training_mode = "sharpness"
+    ascend_in_backward = False
+    """True: aux_A and aux_B receive -dL/dparam from backward (the engine's ascent)."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  aux_rank: int = 8):
@@ -56,7 +74,10 @@ class BiLoraSamLayer(LoraLayer):
 
     def auxiliary(self, x: torch.Tensor) -> torch.Tensor:
         """s B2 A2 x for (already dropped-out) activations, never forming B2 A2."""
-        return F.linear(F.linear(x, self.aux_A), self.aux_B) * self.scaling
+        a, b = self.aux_A, self.aux_B
+        if self.ascend_in_backward and torch.is_grad_enabled():
+            a, b = _ReverseGradient.apply(a), _ReverseGradient.apply(b)
+        return F.linear(F.linear(x, a), b) * self.scaling
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         x_drop = self.dropout(x)  # one mask for both modules: they perturb the same weight
