@@ -30,8 +30,9 @@ from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import LevelScheduler, build_optimizer, build_param_groups
 from ds_bilevel.schedule import Batch, outer_step_count
 from ds_bilevel.zero_access import (
-    full_grad,
+    full_grads,
     master_value,
+    master_values,
     scale_master_,
     set_grad,
     set_master_value,
@@ -174,7 +175,9 @@ class BilevelEngine:
     # ---- hypergrad.BilevelProblem ----------------------------------------------------------
     def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self._run_pass(objective)
-        return [full_grad(p) for p in self.params[Level.INNER]], [full_grad(p) for p in self.params[Level.OUTER]]
+        inner = len(self.params[Level.INNER])
+        grads = full_grads(self.params[Level.INNER] + self.params[Level.OUTER])
+        return grads[:inner], grads[inner:]
 
     def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0) -> None:
         """Set the compute weights of the inner level to master + scale * direction. The fp32
@@ -184,7 +187,7 @@ class BilevelEngine:
         if direction is not None:
             self._close_cycle()
         if self._masters is None:
-            self._masters = [master_value(p) for p in self.params[Level.INNER]]
+            self._masters = master_values(self.params[Level.INNER])
         values = self._masters if direction is None else [
             master + scale * d.to(master.device) for master, d in zip(self._masters, direction, strict=True)]
         for param, value in zip(self.params[Level.INNER], values, strict=True):

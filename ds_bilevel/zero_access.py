@@ -12,6 +12,8 @@ restore is exact at every stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -65,6 +67,63 @@ def full_grad(param: nn.Parameter) -> torch.Tensor:
     grad = safe_get_full_grad(param)
     shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
     return torch.zeros(shape, device=param.device) if grad is None else grad.float().reshape(shape).clone()
+
+
+def _batchable(param: nn.Parameter) -> bool:
+    """ZeRO-1/2 (and bf16 without ZeRO): a fragment of the flat fp32 partition per rank, put back
+    together by an all-reduce of zero-padded copies (DeepSpeed's get_full_hp_grad/param)."""
+    return hasattr(param, "_hp_mapping") and not hasattr(param, "ds_id") and (
+        getattr(param, "_hp_grad", None) is not None or param.grad is None)
+
+
+def _fragment(param: nn.Parameter, kind: str) -> tuple[int, torch.Tensor] | None:
+    """(offset in the flattened parameter, this rank's fp32 fragment) of its gradient or master."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    if kind == "master":
+        return address.start, mapping.get_hp_fragment().flatten()
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).to(torch.float32).flatten()
+    if fragment.numel() == param.numel():  # bf16 keeps a full accumulation buffer: take the owned part
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return address.start, fragment
+
+
+def _full_values(params: list[nn.Parameter], kind: str, one: Callable) -> list[torch.Tensor]:
+    """``one(param)`` for each parameter, except that the ZeRO-1/2 ones are put back together with
+    a single all-reduce over one flat buffer instead of one all-reduce each (the hypergradient
+    reads every adapter parameter several times per step: per-parameter collectives made a
+    bi-level step cost up to twice its passes, docs/benchmarks.md)."""
+    import deepspeed.comm as dist
+
+    batched = [i for i, p in enumerate(params) if _batchable(p)]
+    out = [None if i in set(batched) else one(p) for i, p in enumerate(params)]
+    if batched:
+        members = [params[i] for i in batched]
+        offsets = [0]
+        for param in members:
+            offsets.append(offsets[-1] + param.numel())
+        buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=members[0].device)
+        for param, offset in zip(members, offsets, strict=False):
+            fragment = _fragment(param, kind)
+            if fragment is not None:
+                start, values = fragment
+                buffer.narrow(0, offset + start, values.numel()).copy_(values)
+        dist.all_reduce(buffer, group=members[0]._dp_group)
+        for i, param, offset in zip(batched, members, offsets, strict=False):
+            out[i] = buffer.narrow(0, offset, param.numel()).view(param.shape).clone()
+    return out
+
+
+def full_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """``full_grad`` of every parameter, with one collective for all ZeRO-1/2 ones."""
+    return _full_values(params, "grad", full_grad)
+
+
+def master_values(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """``master_value`` of every parameter, with one collective for all ZeRO-1/2 ones."""
+    return _full_values(params, "master", master_value)
 
 
 def set_grad(param: nn.Parameter, value: torch.Tensor) -> None:

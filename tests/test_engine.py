@@ -89,6 +89,8 @@ def test_level_purity_and_frozen_base(tmp_path):
                 assert step["outer"] and not step["inner"], (name, step)
             else:  # Bi-LoRA: both move in the one pass
                 assert step["inner"] and step["outer"], (name, step)
+        reads = result["batched_reads"]  # one collective for all parameters = one per parameter, bitwise
+        assert reads["grad"] == 0 and reads["master"] == 0 and reads["grad_norm"] > 0, (name, reads)
         if "neumann" in name:  # unroll_steps 2: two inner steps before each outer step
             assert kinds == ["inner", "inner", "outer", "inner", "inner", "outer"]
         dtype = getattr(torch, result["dtype"])

@@ -21,7 +21,24 @@ CASES = {
                                    "bilevel.unroll_steps": 2}, 2, False),
     "bilora-cg-zero1-bf16": ({"adapter.method": "bilora", "bilevel.hypergrad": "cg"}, 1, True),
     "bilora_sam-zero3-fp32": ({"adapter.method": "bilora_sam"}, 3, False),
+    "bidora-first_order-zero2-bf16": ({"adapter.method": "bidora", "bilevel.hypergrad": "first_order"}, 2, True),
+    "bilora-first_order-zero0-bf16": ({"adapter.method": "bilora", "bilevel.hypergrad": "first_order"}, 0, True),
 }
+
+
+def batched_read_errors(engine) -> dict[str, float]:
+    """The one-collective reads (full_grads, master_values) against DeepSpeed's per-parameter
+    accessors, on the gradients of one more pass (its cycle stays open)."""
+    from ds_bilevel.hypergrad import Objective
+    from ds_bilevel.zero_access import full_grad, master_value, master_values
+
+    params = engine.params[Level.INNER] + engine.params[Level.OUTER]
+    inner, outer = engine.gradients(Objective.INNER)
+    one_by_one = [full_grad(p) for p in params]
+    masters, masters_one_by_one = master_values(params), [master_value(p) for p in params]
+    return {"grad": max((a - b).abs().max().item() for a, b in zip(inner + outer, one_by_one, strict=True)),
+            "master": max((a - b).abs().max().item() for a, b in zip(masters, masters_one_by_one, strict=True)),
+            "grad_norm": sum(g.norm().item() for g in one_by_one)}
 
 
 def main(out_path: str) -> None:
@@ -46,7 +63,8 @@ def main(out_path: str) -> None:
                                         for n in current[level]) for level in Level}
             steps.append({"kind": kind, "loss": loss, **changed})
             previous = current
-        results[name] = {"steps": steps, "base_sha256": base_checksum(recipe.engine.module),
+        results[name] = {"steps": steps, "batched_reads": batched_read_errors(recipe.engine),
+                         "base_sha256": base_checksum(recipe.engine.module),
                          "dtype": "bfloat16" if bf16 else "float32", "method": case["adapter.method"]}
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as handle:
