@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(recipe, "rank", None) is None:
             raise  # failed before the process group existed: the traceback says it all
         traceback.print_exc()
-        report(f"error: {failure_line(recipe.rank, error, recipe.heartbeat)}")
+        report(f"error: {failure_line(recipe.rank, error, getattr(recipe, 'heartbeat', None))}")
         return 1
     finally:
         release_shm_buffers()
