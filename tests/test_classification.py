@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from safetensors.torch import save_file
+from run_folders import write_run
 from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForMaskedLM
 
 from ds_bilevel.adapters import AdapterConfig
-from ds_bilevel.config import RunConfig, config_to_dict
+from ds_bilevel.config import RunConfig
 from ds_bilevel.data import DataConfig, class_labels, collate, load_records
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.export import export
@@ -147,20 +147,6 @@ def test_loss_normalisation_is_world_size_invariant(tmp_path):
     assert max(errors.values()) < 1e-5, errors
 
 
-def write_run(run: RunConfig, model: torch.nn.Module, labels: list[str]) -> Path:
-    """A finished run folder as TrainingRecipe.setup and save write it."""
-    folder = Path(run.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    named = {level: named_level_parameters(model, level) for level in Level}
-    tensors = {name: p.detach().float().clone() for params in named.values() for name, p in params}
-    levels = {name: level.value for level, params in named.items() for name, _ in params}
-    save_file(tensors, str(folder / "adapter_model.safetensors"),
-              metadata={"method": run.adapter.method, "levels": json.dumps(levels)})
-    (folder / "run_config.json").write_text(json.dumps(config_to_dict(run)))
-    (folder / "labels.json").write_text(json.dumps(labels))
-    return folder
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
@@ -186,7 +172,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, masked_lm_d
     run = encoder_run(tmp_path, method, model=model_name)
     data = prepare(run)
     randomize(data.model)
-    folder = write_run(run, data.model, data.labels)
+    folder = write_run(Path(run.output_dir), data.model, run, data.labels)
     batch = collate([data.eval_set[i] for i in range(len(data.eval_set))], 3)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():

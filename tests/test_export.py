@@ -18,13 +18,14 @@ import pytest
 import torch
 from launch_helpers import REPO
 from peft import PeftModel
+from run_folders import write_run
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
 from ds_bilevel.builtin.model import build_builtin_model
-from ds_bilevel.config import RunConfig, config_to_dict
+from ds_bilevel.config import RunConfig
 from ds_bilevel.export import ExportError, export, shards
 from ds_bilevel.levels import Level, adapter_layers, named_level_parameters
 from ds_bilevel.models import load_model, load_tokenizer
@@ -54,18 +55,6 @@ def randomize(model: torch.nn.Module, seed: int = 1) -> None:
                     param.mul_(1 + 0.1 * noise)
                 else:
                     param.copy_(noise if name == "lambda_raw" else 0.1 * noise)
-
-
-def write_run(folder: Path, model: torch.nn.Module, run: RunConfig) -> Path:
-    """A finished run folder, as TrainingRecipe.save and setup write it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    named = {level: named_level_parameters(model, level) for level in Level}
-    tensors = {name: p.detach().float().clone() for params in named.values() for name, p in params}
-    levels = {name: level.value for level, params in named.items() for name, _ in params}
-    save_file(tensors, str(folder / "adapter_model.safetensors"),
-              metadata={"method": run.adapter.method, "levels": json.dumps(levels)})
-    (folder / "run_config.json").write_text(json.dumps(config_to_dict(run), indent=2))
-    return folder
 
 
 class Run:
