@@ -45,6 +45,18 @@ def launch(args: list[str], num_ranks: int = 2, timeout: int = 600, script: Path
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def start_two_nodes(folder: Path, args: list[str]) -> list[subprocess.Popen]:
+    """Two "nodes" on this machine: one deepspeed launcher each (hostfile, --no_ssh, --node_rank),
+    one rank per node, running launch/train.py ``args``; output on each Popen's stdout."""
+    hostfile, port = folder / "hostfile", free_port()
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    return [subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+         "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(REPO / "launch" / "train.py"), *args],
+        cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+
+
 def run_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 

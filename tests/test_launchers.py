@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from launch_helpers import REPO, cpu_env, free_port, launch, write_ds_config
+from launch_helpers import REPO, cpu_env, free_port, launch, start_two_nodes, write_ds_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.launcher
@@ -24,15 +24,8 @@ def test_two_node_run_matches_single_node(tmp_path):
     result = launch(["--ds_config", str(config), *ARGS, "--output_dir", str(single)])
     assert result.returncode == 0, result.stderr[-3000:]
 
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    multi, port = tmp_path / "multi", free_port()
-    env = cpu_env()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-         "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-         str(REPO / "launch" / "train.py"), "--ds_config", str(config), *ARGS, "--output_dir", str(multi)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    multi = tmp_path / "multi"
+    nodes = start_two_nodes(tmp_path, ["--ds_config", str(config), *ARGS, "--output_dir", str(multi)])
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "world_size\": 2" in outputs[0]

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from launch_helpers import REPO, cpu_env, free_port
+from launch_helpers import REPO, start_two_nodes
 
 pytestmark = pytest.mark.launcher
 
@@ -21,18 +20,6 @@ TIMEOUT_S = 20
 ARGS = ["--method", "bilora", "--hypergrad", "first_order", "--max_steps", "100000", "--eval_steps", "0",
         "--log_steps", "1", "--model_name_or_path", "builtin:micro-llama", "--data.train_size", "64",
         "--data.eval_size", "8", "--micro_batch_size", "2", "--collective_timeout_s", str(TIMEOUT_S)]
-
-
-def start_two_nodes(tmp_path: Path) -> tuple[list[subprocess.Popen], Path]:
-    hostfile, out, port = tmp_path / "hostfile", tmp_path / "run", free_port()
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-         "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-         str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "cpu_zero2.json"), *ARGS,
-         "--output_dir", str(out)],
-        cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    return nodes, out
 
 
 def wait_for_training(out: Path, nodes: list[subprocess.Popen], steps: int = 3) -> None:
@@ -58,7 +45,9 @@ def rank_process(launcher: subprocess.Popen) -> psutil.Process:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_survivor_exits_within_the_timeout_and_names_the_failed_rank(tmp_path, how):
-    nodes, out = start_two_nodes(tmp_path)
+    out = tmp_path / "run"
+    nodes = start_two_nodes(tmp_path, ["--ds_config", str(REPO / "ds_configs" / "cpu_zero2.json"), *ARGS,
+                                       "--output_dir", str(out)])
     victim = None
     try:
         wait_for_training(out, nodes)
