@@ -48,16 +48,44 @@ def scale_master_(param: nn.Parameter, factor: float) -> None:
         param._hp_mapping.get_hp_fragment().mul_(factor)
 
 
+def _gathered_now(param: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter whose full value is present on this rank: a *persistent* parameter
+    (fewer elements than stage3_param_persistence_threshold, default 1e5: every adapter
+    factor of a LLaMA layer at r=16) stays gathered between forwards, and the forward reads
+    ``param.data``, not the partition. DeepSpeed refreshes it from the partitions only
+    after an optimizer step."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE and param.data.numel() == param.ds_numel
+
+
 @torch.no_grad()
 def write_compute_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write ``value`` (full, fp32) into the weight the forward uses, cast to its dtype.
 
-    Under ZeRO-3 that is this rank's partition ``param.ds_tensor`` (the last one padded).
+    Under ZeRO-3 that is this rank's partition ``param.ds_tensor`` (the last one padded),
+    and the gathered copy too where the parameter is persistent: writing the partition alone
+    left persistent weights unperturbed, which made darts/neumann/cg first-order at ZeRO-3
+    on more than one rank (issue 12).
     """
     if hasattr(param, "ds_id"):
         param.ds_tensor.copy_(local_partition(param, value).to(param.ds_tensor.device))
+        if _gathered_now(param):
+            param.data.copy_(value.view(param.ds_shape))
     else:
         param.data.copy_(value.view_as(param))
+
+
+@torch.no_grad()
+def scale_compute_weight_(param: nn.Parameter, factor: float) -> None:
+    """Multiply the weight the forward uses by ``factor`` in place, no communication: under
+    ZeRO-3 this rank's partition and, for a persistent parameter, its gathered copy."""
+    if hasattr(param, "ds_id"):
+        param.ds_tensor.mul_(factor)
+        if _gathered_now(param):
+            param.data.mul_(factor)
+    else:
+        param.data.mul_(factor)
 
 
 def full_grad(param: nn.Parameter) -> torch.Tensor:

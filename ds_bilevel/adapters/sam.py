@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_bilevel.adapters.base import gathered, is_zero3_partitioned, kaiming_uniform_
+from ds_bilevel.adapters.base import gathered, kaiming_uniform_
 from ds_bilevel.adapters.config import AdapterConfig
 from ds_bilevel.adapters.lora import LoraLayer
 from ds_bilevel.levels import Level
+from ds_bilevel.zero_access import scale_compute_weight_
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -119,8 +120,7 @@ def scale_auxiliary_(model: nn.Module, factor: float) -> None:
     an engine that keeps fp32 master copies must scale those)."""
     for layer in auxiliary_layers(model):
         for param in (layer.aux_A, layer.aux_B):
-            # Under ZeRO-3 the module tensor is empty; the local partition is ds_tensor.
-            (param.ds_tensor if is_zero3_partitioned(param) else param).mul_(factor)
+            scale_compute_weight_(param, factor)
 
 
 def clip_factor(norm: torch.Tensor | float, rho: float) -> float:
