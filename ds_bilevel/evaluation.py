@@ -5,11 +5,17 @@ A causal LM is scored on its response tokens: exact match, measured by teacher f
 included, is the reference token). That is exactly when greedy decoding would produce the
 reference answer, and it costs one forward instead of a generate loop. A classifier (class
 labels) is scored by accuracy: the argmax class is the label.
+
+Evaluation scores the model the user gets: the exported one. Bi-LoRA's auxiliary (ascent)
+module is a training-time perturbation that the export drops (adapters/sam.py), so it is
+switched off for the evaluation's forwards (``inference_forward``) and back on afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -27,30 +33,66 @@ def rank_shard(num_examples: int, rank: int, world_size: int, batch_size: int) -
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-@torch.no_grad()
-def evaluate(engine, dataset, pad_id: int, batch_size: int) -> dict[str, float]:
-    """{'eval_loss': mean loss per labelled token (per example for a classifier), and
-    'eval_exact_match' (token labels) or 'eval_accuracy' (class labels): the share of right answers}."""
-    import deepspeed.comm as dist
+@contextlib.contextmanager
+def inference_forward(model: torch.nn.Module) -> Iterator[None]:
+    """The model's forward as inference and the export compute it: every Bi-LoRA auxiliary
+    module left out (its parameters stay as they are, at every ZeRO stage: the layer is
+    gathered as usual, only the term is not added), restored on exit, errors included."""
+    from ds_bilevel.adapters.sam import auxiliary_layers
 
-    module = engine.engine
-    module.eval()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, labelled count, right, examples
+    layers = auxiliary_layers(model)
+    saved = [layer.auxiliary_enabled for layer in layers]
+    for layer in layers:
+        layer.auxiliary_enabled = False
+    try:
+        yield
+    finally:
+        for layer, enabled in zip(layers, saved, strict=True):
+            layer.auxiliary_enabled = enabled
+
+
+@torch.no_grad()
+def local_totals(module: torch.nn.Module, dataset, pad_id: int, batches: list[list[int]]) -> torch.Tensor:
+    """(loss sum, labelled count, right answers, examples) over ``batches`` of example indices
+    (-1: padding, run but not counted), float64, not reduced. The caller picks the forward mode."""
+    device = module.device if hasattr(module, "device") else next(module.parameters()).device
+    totals = torch.zeros(4, dtype=torch.float64)
     classes = is_classification(collate([dataset[0]], pad_id)["labels"])
-    for indices in rank_shard(len(dataset), rank, world, batch_size):
+    for indices in batches:
         valid = torch.tensor([i >= 0 for i in indices])
         batch = collate([dataset[max(i, 0)] for i in indices], pad_id)
         labels = batch["labels"].masked_fill(~(valid if classes else valid[:, None]), IGNORE_INDEX)
-        logits = module(input_ids=batch["input_ids"].to(module.device),
-                        attention_mask=batch["attention_mask"].to(module.device)).logits.float().cpu()
+        logits = module(input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
         counted = labels if classes else labels[:, 1:]
         right = predictions_right(logits, labels) & valid
         totals += torch.tensor([loss_sum(logits, labels).item(), (counted != IGNORE_INDEX).sum().item(),
                                 right.sum().item(), valid.sum().item()], dtype=torch.float64)
-    reduced = totals.to(module.device)
-    dist.all_reduce(reduced)
-    summed, count, right, examples = reduced.tolist()
-    module.train()
+    return totals
+
+
+def metrics_from_totals(totals: torch.Tensor, classes: bool) -> dict[str, float]:
+    summed, count, right, examples = totals.tolist()
     return {"eval_loss": summed / max(count, 1),
             "eval_accuracy" if classes else "eval_exact_match": right / max(examples, 1)}
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, pad_id: int, batch_size: int) -> dict[str, float]:
+    """{'eval_loss': mean loss per labelled token (per example for a classifier), and
+    'eval_exact_match' (token labels) or 'eval_accuracy' (class labels): the share of right answers},
+    of the model as exported (``inference_forward``)."""
+    import deepspeed.comm as dist
+
+    module = engine.engine
+    rank, world = dist.get_rank(), dist.get_world_size()
+    classes = is_classification(collate([dataset[0]], pad_id)["labels"])
+    module.eval()
+    try:
+        with inference_forward(module):
+            totals = local_totals(module, dataset, pad_id, rank_shard(len(dataset), rank, world, batch_size))
+    finally:
+        module.train()
+    reduced = totals.to(module.device)
+    dist.all_reduce(reduced)
+    return metrics_from_totals(reduced.cpu(), classes)

@@ -49,6 +49,9 @@ class BiLoraSamLayer(LoraLayer):
     training_mode = "sharpness"
     ascend_in_backward = False
     """True: aux_A and aux_B receive -dL/dparam from backward (the engine's ascent)."""
+    auxiliary_enabled = True
+    """False: the forward leaves s B2 A2 out, computing the model that inference and the export
+    get (W0 + s B1 A1); evaluation turns it off for its duration (evaluation.inference_forward)."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  aux_rank: int = 8):
@@ -82,7 +85,8 @@ class BiLoraSamLayer(LoraLayer):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         x_drop = self.dropout(x)  # one mask for both modules: they perturb the same weight
-        return self.base_layer(x) + self.low_rank(x_drop) + self.auxiliary(x_drop)
+        out = self.base_layer(x) + self.low_rank(x_drop)
+        return out + self.auxiliary(x_drop) if self.auxiliary_enabled else out
 
     # merged_weight is LoraLayer's W0 + s B1 A1: the auxiliary module is dropped at inference.
 
