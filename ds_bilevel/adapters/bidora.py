@@ -24,9 +24,14 @@ class BiDoraLayer(DoraLayer):
     """Direction (lora_A, lora_B) inner; magnitude outer."""
 
     training_mode = "bilevel"
+    # Not DoRA's detach: the released BiDoRA code (t2ance/BiDoRA) differentiates through the
+    # norm, and the hypergradient differentiates the inner gradient again (H, J): with the norm
+    # detached that "gradient" is not the gradient of the inner loss, and neumann/cg converge
+    # to something else (docs/methods.md, tests/hypergrad/test_bidora_implicit.py).
+    detach_norm_default = False
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 detach_norm: bool = True, direction_orth_weight: float = 0.0):
+                 detach_norm: bool | None = None, direction_orth_weight: float = 0.0):
         super().__init__(base_layer, rank, alpha, dropout, detach_norm)
         self.direction_orth_weight = direction_orth_weight
 

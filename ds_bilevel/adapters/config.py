@@ -21,8 +21,11 @@ class AdapterConfig:
     """Dropout on the adapter path only (never on the frozen path)."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
     """Names (last component, e.g. q_proj, or a full dotted name) of the nn.Linear layers to adapt."""
-    detach_norm: bool = True
-    """DoRA/BiDoRA: treat the row norm as a constant in backward (DoRA section 4.3, PEFT)."""
+    # Annotated bool (the command line parses it as one); None until validate() fills in the method's default.
+    detach_norm: bool = None  # type: ignore[assignment]
+    """DoRA/BiDoRA: treat the row norm ||W0 + s B A||_row as a constant in backward (DoRA section 4.3).
+    Unset: the method's default, true for dora (PEFT's choice), false for bidora (the released BiDoRA
+    code; its hypergradient needs the true gradient of the inner loss, docs/methods.md)."""
     lambda_param: str = "softmax"
     """BiLoRA: how the pseudo singular values lambda are parameterised: real | softmax | binary
     (sigmoid, pushed to 0/1 by ``binary_reg_weight``). Softmax did best in the paper's ablation."""
@@ -46,6 +49,11 @@ class AdapterConfig:
 
         if self.method not in METHODS:
             raise ValueError(f"adapter.method: {self.method!r} is not one of {sorted(METHODS)}")
+        if self.detach_norm is None:
+            self.detach_norm = getattr(METHODS[self.method], "detach_norm_default", True)
+        if not isinstance(self.detach_norm, bool):
+            raise ValueError(f"adapter.detach_norm: {self.detach_norm!r} must be true or false (unset: the "
+                             f"method's default)")
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"adapter.rank: {self.rank!r} must be an integer >= 1")
         if not self.alpha > 0:

@@ -19,13 +19,17 @@ from ds_bilevel.levels import Level
 class DoraLayer(LoraLayer):
     """One-level DoRA baseline: A, B and the magnitude m are all inner parameters."""
 
+    # DoRA section 4.3 and PEFT detach the norm: DoRA is one-level, nothing differentiates its
+    # gradient again, and the detach saves the backward through ||W0 + s B A||.
+    detach_norm_default = True
+
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 detach_norm: bool = True):
+                 detach_norm: bool | None = None):
         super().__init__(base_layer, rank, alpha, dropout)
         # DoRA section 4.3: treat ||W0 + s B A|| as a constant in backward (PEFT does too).
         # It drops the norm's gradient, so it changes second-order terms of a bi-level
         # hypergradient: kept as an explicit setting.
-        self.detach_norm = detach_norm
+        self.detach_norm = self.detach_norm_default if detach_norm is None else detach_norm
         with gathered([base_layer.weight]), torch.no_grad():
             row_norm = base_layer.weight.float().norm(p=2, dim=1)  # (out,)
         self.magnitude = nn.Parameter(row_norm.to(self.lora_A.dtype))

@@ -58,3 +58,16 @@ class BilevelConfig:
         """Forward/backward passes over one global batch that one outer step costs."""
         return {"first_order": 1, "darts": 3, "neumann": 2 * self.neumann_terms + 3,
                 "cg": 2 * self.cg_steps + 3}[self.hypergrad]
+
+
+def detach_norm_warning(method: str, detach_norm: bool | None, hypergrad: str) -> str | None:
+    """A one-line warning when BiDoRA's norm is detached under an implicit hypergradient, else None.
+
+    neumann and cg approximate H^-1 v and J p of the inner loss; with the norm detached (DoRA
+    section 4.3) the passes measure the Jacobians of a field that is not that loss's gradient, so
+    they converge to something else (docs/methods.md, BiDoRA). Allowed, as an explicit choice."""
+    if method == "bidora" and detach_norm and hypergrad in ("neumann", "cg"):
+        return (f"adapter.detach_norm: true with bilevel.hypergrad {hypergrad}: the inner gradient is then not the "
+                f"gradient of the inner loss and {hypergrad} does not approach the implicit hypergradient "
+                f"(docs/methods.md); BiDoRA's default is false")
+    return None
