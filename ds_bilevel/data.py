@@ -174,12 +174,18 @@ def class_id(label, labels: list[str]) -> int:
 def tokenize(records, tokenizer, config: DataConfig, labels: list[str] | None = None):
     """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets.
 
-    With ``labels`` (an encoder's class names): input_ids of the text (BOS, text, EOS; cut to
-    ``max_length``) and ``labels`` = the example's class id, an int."""
+    With ``labels`` (an encoder's class names): input_ids of the text with the tokenizer's own
+    special tokens (BERT: [CLS] text [SEP]; RoBERTa: <s> text </s>), EOS appended only when the
+    tokenizer closes the text with none (the builtin's: BOS text EOS), cut to ``max_length``; and
+    ``labels`` = the example's class id, an int. An encoder needs no EOS: BERT's tokenizer has none."""
     eos = tokenizer.eos_token_id
     if labels is not None:
+        closing = set(tokenizer.all_special_ids)
+
         def encode_class(example):
-            ids = tokenizer(example["prompt"]).input_ids + [eos]
+            ids = tokenizer(example["prompt"]).input_ids
+            if eos is not None and not (ids and ids[-1] in closing):
+                ids = ids + [eos]
             return {"input_ids": ids[: config.max_length], "labels": class_id(example["label"], labels)}
 
         return records.map(encode_class, remove_columns=records.column_names, desc="tokenize")

@@ -8,9 +8,13 @@ encoder-decoder (``is_encoder_decoder``) or transformers has a masked-LM class f
 labels are written as words and predicted as the answer.
 
 The head is the model's top-level module named ``classifier``, ``score`` or
-``classification_head`` (PEFT's ``modules_to_save`` for SEQ_CLS). It is trained whole, at the
-inner level (BiDoRA: "direction and task head at the lower level"); adapters never wrap its
-layers.
+``classification_head`` (PEFT's ``modules_to_save`` for SEQ_CLS), together with the pooler the
+classifier reads the encoder through when the model has one outside it: BERT's and ALBERT's
+``<encoder>.pooler``, DeBERTa's top-level ``pooler``, DistilBERT's ``pre_classifier``. A masked-LM
+checkpoint has no pooler, so it is as new as the classifier; a pretrained one is a start, as for
+transformers' own fine-tuning. The head is trained whole, at the inner level (BiDoRA: "direction
+and task head at the lower level"), saved and exported with the adapters; adapters never wrap
+its layers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from torch import nn
 from ds_bilevel.levels import Level, assign_level
 
 HEAD_MODULES = ("classifier", "score", "classification_head")
+# Modules between the encoder and the classifier, outside both (BERT/ALBERT: <encoder>.pooler,
+# DeBERTa: pooler, DistilBERT: pre_classifier): trained and saved with the head, or they would stay
+# as initialised, never saved, and differ at every load of an export (issue 16).
+POOLERS = ("pooler", "pre_classifier")
 HEAD_LEVEL = Level.INNER
 
 
@@ -41,22 +49,38 @@ def classification_class_name(model_type: str) -> str:
     return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[model_type]
 
 
-def head_name(model: nn.Module) -> str:
-    names = [name for name, _ in model.named_children() if name in HEAD_MODULES]
-    if len(names) != 1:
-        raise ValueError(f"model_name_or_path: {type(model).__name__} has {len(names)} classification heads "
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """The head's modules, in model order: the pooler (when there is one outside the classifier)
+    and the classifier."""
+    heads = [name for name, _ in model.named_children() if name in HEAD_MODULES]
+    if len(heads) != 1:
+        raise ValueError(f"model_name_or_path: {type(model).__name__} has {len(heads)} classification heads "
                          f"among its top-level modules {[n for n, _ in model.named_children()]}; expected "
                          f"exactly one named one of {list(HEAD_MODULES)}")
-    return names[0]
+    poolers = [name for name, module in model.named_modules() if name.count(".") <= 1
+               and name.rsplit(".", 1)[-1] in POOLERS and any(True for _ in module.parameters())]
+    return (*poolers, heads[0])
+
+
+def head_module(tensor: str) -> str | None:
+    """The head module a saved tensor (``<module>.<...>``) belongs to, or None for an adapter's:
+    ``classifier.out_proj.weight`` -> ``classifier``, ``bert.pooler.dense.weight`` -> ``bert.pooler``."""
+    parts = tensor.split(".")
+    if parts[0] in HEAD_MODULES or parts[0] in POOLERS:
+        return parts[0]
+    if len(parts) > 2 and parts[1] in POOLERS:
+        return ".".join(parts[:2])
+    return None
 
 
 def is_head_tensor(name: str) -> bool:
-    """Whether a saved tensor (``<module>.<...>``) belongs to the head rather than to an adapter."""
-    return name.split(".", 1)[0] in HEAD_MODULES
+    """Whether a saved tensor belongs to the head rather than to an adapter."""
+    return head_module(name) is not None
 
 
-def train_head(model: nn.Module) -> str:
-    """Make the head trainable at ``HEAD_LEVEL``; returns its name."""
-    name = head_name(model)
-    assign_level(model.get_submodule(name), HEAD_LEVEL)
-    return name
+def train_head(model: nn.Module) -> tuple[str, ...]:
+    """Make the head (pooler included) trainable at ``HEAD_LEVEL``; returns its modules' names."""
+    names = head_names(model)
+    for name in names:
+        assign_level(model.get_submodule(name), HEAD_LEVEL)
+    return names

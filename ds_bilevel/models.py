@@ -26,6 +26,25 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_tokenizer(name: str, trust_remote_code: bool = False, encoder: bool | None = None) -> None:
+    """What the data code needs of the tokenizer, before launch: it loads and encodes text, it has a
+    pad id (its pad token, or EOS standing in), and a causal LM's has an EOS (appended to every
+    answer, so that the model learns to stop). An encoder needs no EOS (data.tokenize)."""
+    try:
+        tokenizer = load_tokenizer(name, trust_remote_code)
+    except (OSError, TypeError) as error:  # no tokenizer files, or files transformers cannot read
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"model_name_or_path: {name} has no tokenizer transformers can load ({type(error).__name__}: "
+                         f"{detail}); allowed: a folder with its tokenizer files") from None
+    encoder = is_encoder_model(name, trust_remote_code) if encoder is None else encoder
+    if not encoder and tokenizer.eos_token_id is None:
+        raise ValueError(f"model_name_or_path: the tokenizer in {name} has no eos_token, which a causal LM's answers "
+                         f"end with; allowed: a tokenizer with eos_token set (tokenizer_config.json)")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"model_name_or_path: the tokenizer in {name} has neither a pad_token nor an eos_token to "
+                         f"pad batches with; allowed: a tokenizer with pad_token set (tokenizer_config.json)")
+
+
 def is_encoder_model(name: str, trust_remote_code: bool = False) -> bool:
     """Whether ``name`` is trained as an encoder with a classification head (heads.is_encoder)."""
     if is_builtin(name):
@@ -121,14 +140,14 @@ def load_classifier(name: str, labels: list[str], seed: int, dtype: torch.dtype,
     from transformers import AutoModelForSequenceClassification
 
     from ds_bilevel.builtin.model import seeded_init_
-    from ds_bilevel.heads import head_name
+    from ds_bilevel.heads import head_names
 
     model, info = AutoModelForSequenceClassification.from_pretrained(
         name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         output_loading_info=True, ignore_mismatched_sizes=True)
-    head = head_name(model)
     fresh = [*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))]
-    if any(key == head or key.startswith(head + ".") for key in fresh):
-        seeded_init_(model.get_submodule(head), seed, model.config.initializer_range, prefix=head + ".")
+    for head in head_names(model):  # the classifier, and a pooler a masked-LM checkpoint lacks
+        if any(key == head or key.startswith(head + ".") for key in fresh):
+            seeded_init_(model.get_submodule(head), seed, model.config.initializer_range, prefix=head + ".")
     return model

@@ -17,13 +17,13 @@ import torch
 from ds_bilevel import checkpoint
 from ds_bilevel.adapters import inject_adapters
 from ds_bilevel.adapters.base import gathered
-from ds_bilevel.adapters.inject import named_base_parameters
+from ds_bilevel.adapters.inject import layer_kinds, named_base_parameters
 from ds_bilevel.config import RunConfig, config_to_dict
 from ds_bilevel.data import load_records, load_validation, tokenize
 from ds_bilevel.distributed import Heartbeat, init_distributed
 from ds_bilevel.engine import BilevelEngine, NonFiniteError
 from ds_bilevel.evaluation import evaluate
-from ds_bilevel.heads import head_name, train_head
+from ds_bilevel.heads import head_names, train_head
 from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
 from ds_bilevel.plot import plot_metrics
@@ -61,6 +61,7 @@ class Prepared:
     d2_set: object | None  # an explicit D2 file, tokenised (None: D2 is a share of train_set)
     model: torch.nn.Module
     labels: list[str] | None = None  # an encoder's class names, index = class id (None: a causal LM)
+    adapted: list[str] | None = None  # the adapted layers' names, in model order
 
 
 def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
@@ -77,10 +78,10 @@ def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
         enable_activation_checkpointing(model)
     torch.manual_seed(run.seed)  # the same adapter init on every rank
     # An encoder's head is trained whole at the inner level, never wrapped by an adapter (heads.py).
-    inject_adapters(model, run.adapter, exclude=(head_name(model),) if labels is not None else ())
+    adapted = inject_adapters(model, run.adapter, exclude=head_names(model) if labels is not None else ())
     if labels is not None:
         train_head(model)
-    return Prepared(tokenizer, train_set, eval_set, d2_set, model, labels)
+    return Prepared(tokenizer, train_set, eval_set, d2_set, model, labels, adapted)
 
 
 def batch_sources(run: RunConfig, mode: str, data: Prepared, rank: int, world_size: int) -> dict[str, BatchSource]:
@@ -145,6 +146,11 @@ class TrainingRecipe:
 
             datasets.disable_progress_bars()
         data = prepare(run, self.ds_config)
+        # Which layers were adapted, by kind: all-linear picks them from the model (adapters/inject.py).
+        self.adapted_layers = {"count": len(data.adapted), "kinds": layer_kinds(data.adapted)}
+        if self.rank == 0:
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in self.adapted_layers["kinds"].items())
+            print(f"adapters: {run.adapter.method} on {len(data.adapted)} layers ({kinds})", flush=True)
         self.tokenizer, self.eval_set = data.tokenizer, data.eval_set
         self.engine = BilevelEngine(data.model, run, self.ds_config)
         self.initial = self._level_values()
@@ -288,6 +294,7 @@ class TrainingRecipe:
         if self.run.checksum_base:
             summary["base_sha256"] = base_checksum(module)
         summary["peak_memory_gb_per_rank"] = peak_memory_per_rank()
+        summary["adapted_layers"] = self.adapted_layers
         if self.rank == 0:
             save_file(tensors, str(self.output_dir / "adapter_model.safetensors"),
                       metadata={"method": self.run.adapter.method, "levels": json.dumps(levels)})

@@ -132,7 +132,7 @@ def model_skeleton(run: RunConfig):
 def check_model(run: RunConfig) -> None:
     """Targets and ranks against the model's layers (an encoder's: its head excluded, heads.py)."""
     from ds_bilevel.adapters.inject import target_layer_names
-    from ds_bilevel.heads import head_name
+    from ds_bilevel.heads import head_names
     from ds_bilevel.models import encoder_skeleton
 
     encoder = encoder_skeleton(run.model_name_or_path, run.trust_remote_code)  # heads.py: with its head
@@ -142,9 +142,17 @@ def check_model(run: RunConfig) -> None:
         raise ValueError(f"data.format: {run.data.format!r} needs a causal LM, but {run.model_name_or_path} is an "
                          f"encoder (heads.py); allowed with it: classification")
     else:
-        target_layer_names(encoder, run.adapter, exclude=(head_name(encoder),))
+        target_layer_names(encoder, run.adapter, exclude=head_names(encoder))
     if not is_builtin(run.model_name_or_path):
         check_model_weights(Path(run.model_name_or_path))
+
+
+def check_tokenizer(run: RunConfig) -> None:
+    """What the data code needs of the tokenizer (an EOS for a causal LM, a pad id): found here, not
+    as a crash in tokenisation after launch (models.check_tokenizer)."""
+    from ds_bilevel.models import check_tokenizer as check
+
+    check(run.model_name_or_path, run.trust_remote_code)
 
 
 def check_model_weights(folder: Path) -> None:
@@ -208,4 +216,5 @@ def check_run(run: RunConfig, world_size: int) -> None:
     """Everything but the DeepSpeed config, cheapest first."""
     check_schedule(run)
     check_model(run)
+    check_tokenizer(run)
     check_data(run, world_size)

@@ -45,11 +45,12 @@ def write_keyword_csv(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-def encoder_run(tmp_path: Path, method: str = "lora", model: str = "builtin:tiny-roberta", **overrides) -> RunConfig:
+def encoder_run(tmp_path: Path, method: str = "lora", model: str = "builtin:tiny-roberta",
+                targets: tuple[str, ...] = ("query", "value"), **overrides) -> RunConfig:
     data = write_keyword_csv(tmp_path / "keyword.csv", 96)
     return RunConfig(model_name_or_path=model, dataset=str(data), output_dir=str(tmp_path / "run"), seed=0,
                      gradient_checkpointing=False, max_grad_norm=0.0, warmup_ratio=0.0,
-                     adapter=AdapterConfig(method=method, rank=4, alpha=8.0, target_modules=["query", "value"]),
+                     adapter=AdapterConfig(method=method, rank=4, alpha=8.0, target_modules=list(targets)),
                      data=DataConfig(format="classification", eval_size=16), **overrides)
 
 
@@ -188,6 +189,68 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, masked_lm_d
     with torch.no_grad():
         errors = {"merged": rel_err(merged(**inputs).logits, expected),
                   "peft": rel_err(peft(**inputs).logits, expected)}
+    assert max(errors.values()) < 1e-5, errors
+
+
+WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, "even", "odd", "yes", "no"]
+
+
+def bert_tokenizer():
+    """A WordPiece tokenizer as BERT's: [CLS] text [SEP], a pad token, and no EOS."""
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={word: i for i, word in enumerate(WORDPIECE)})
+
+
+@pytest.fixture(scope="module")
+def pooler_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Encoders whose classifier reads a pooler outside the classifier module, with BERT's tokenizer:
+    BERT saved as pretrained (BertForPreTraining: the pooler is in the checkpoint) and DeBERTa-v2 as a
+    masked LM (no pooler in the checkpoint: it starts from the seeded init, as the classifier)."""
+    from families import config_of
+    from transformers import BertForPreTraining, DebertaV2ForMaskedLM
+
+    folders = {}
+    for family, cls in (("bert", BertForPreTraining), ("deberta_v2", DebertaV2ForMaskedLM)):
+        folder = folders[family] = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        cls(config_of(family, pad_token_id=0)).save_pretrained(folder)
+        bert_tokenizer().save_pretrained(folder)
+    return folders
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta_v2"])
+@pytest.mark.parametrize("method", ["lora", "bidora"])
+def test_an_encoder_with_a_pooler_trains_saves_and_exports_it(tmp_path, pooler_dirs, family, method):
+    """The pooler is trained and saved with the classifier (heads.py); both exports reproduce the
+    adapted model, and two loads of the merged folder compute the same logits (a pooler left out of
+    the export would be drawn afresh at every load). all-linear adapts the encoder's dense layers."""
+    run = encoder_run(tmp_path, method, model=str(pooler_dirs[family]), targets=("all-linear",))
+    data = prepare(run)
+    pooler = "bert.pooler" if family == "bert" else "pooler"
+    inner = {n for n, _ in named_level_parameters(data.model, Level.INNER)}
+    assert {f"{pooler}.dense.weight", f"{pooler}.dense.bias", "classifier.weight"} <= inner
+    assert data.adapted and not any(n.startswith((pooler, "classifier")) for n in data.adapted)
+    assert any(n.endswith("output.dense") for n in data.adapted)  # the encoder's dense layers are adapted
+    randomize(data.model)
+    folder = write_run(Path(run.output_dir), data.model, run, data.labels)
+    batch = collate([data.eval_set[i] for i in range(len(data.eval_set))], data.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected = data.model.eval()(**inputs).logits
+    merged_dir = export(folder, tmp_path / "merged", format="merged", dtype="float32")
+    loads = [AutoModelForSequenceClassification.from_pretrained(merged_dir, dtype=torch.float32).eval()
+             for _ in range(2)]
+    peft_dir = export(folder, tmp_path / "peft", format="peft")
+    peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert sorted(peft_config["modules_to_save"]) == sorted([pooler, "classifier"])
+    peft = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        peft_config["base_model_name_or_path"], dtype=torch.float32, num_labels=2), peft_dir).eval()
+    with torch.no_grad():
+        first, second = (model(**inputs).logits for model in loads)
+        errors = {"merged": rel_err(first, expected), "peft": rel_err(peft(**inputs).logits, expected)}
+    print(f"{family} {method} {errors}")
+    assert torch.equal(first, second)
     assert max(errors.values()) < 1e-5, errors
 
 

@@ -99,3 +99,38 @@ def test_chat_template_wraps_the_prompt_only():
     assert prompt_ids == expected_prompt
     labelled = [t for t in with_template["labels"] if t != IGNORE_INDEX]
     assert labelled == [t for t in plain["labels"] if t != IGNORE_INDEX]  # the answer is the same
+
+
+def test_an_encoder_needs_no_eos():
+    """BERT's WordPiece tokenizer has no EOS: the text keeps its own [CLS] ... [SEP] and nothing is
+    appended (an EOS id of None crashed tokenisation: "Could not infer dtype of NoneType")."""
+    from datasets import Dataset
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "even"]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    assert tokenizer.eos_token_id is None
+    records = Dataset.from_list([{"prompt": "a b even", "response": "yes", "label": "yes"}])
+    row = tokenize(records, tokenizer, DataConfig(format="classification"), labels=["no", "yes"])[0]
+    assert row == {"input_ids": [2, 5, 6, 7, 3], "labels": 1}
+    builtin = load_tokenizer("builtin:tiny-llama")  # a tokenizer that closes with nothing gets its EOS
+    ids = tokenize(records, builtin, DataConfig(format="classification"), labels=["no", "yes"])[0]["input_ids"]
+    assert ids[0] == builtin.bos_token_id and ids[-1] == builtin.eos_token_id and ids.count(builtin.eos_token_id) == 1
+
+
+def test_a_tokenizer_without_eos_is_refused_before_launch_for_a_causal_lm(tmp_path):
+    """What a tokenizer lacks is found by the launcher's checks, in one line naming the setting."""
+    import torch
+    from transformers import BertTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ds_bilevel.config import RunConfig
+    from ds_bilevel.validation import check_run
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).to(torch.float32).save_pretrained(tmp_path)
+    BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"])}
+                  ).save_pretrained(tmp_path)
+    run = RunConfig(model_name_or_path=str(tmp_path), output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"^model_name_or_path: the tokenizer in .* has no eos_token, which a causal "
+                                         r"LM's answers end with; allowed: .*eos_token"):
+        check_run(run, 1)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
+from ds_bilevel.adapters.config import LLAMA_TARGETS
 from ds_bilevel.builtin.model import build_builtin_model
 from ds_bilevel.config import RunConfig
 from ds_bilevel.export import ExportError, export, shards
@@ -204,7 +205,8 @@ def test_peft_adapter_gives_the_adapted_logits(method, hf_run, base_dir, tmp_pat
     dora = method in ("dora", "bidora")
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["use_dora"]) == ("LORA", 4, 8.0, dora)
     assert config["base_model_name_or_path"] == str(base_dir.resolve())
-    assert config["target_modules"] == AdapterConfig().target_modules  # the run's names select the same layers
+    # all-linear (the run's default) is written as the adapted layers' kinds, which select the same layers
+    assert config["target_modules"] == sorted(LLAMA_TARGETS)
     keys = load_file(out / "adapter_model.safetensors").keys()
     per_layer = 3 if dora else 2
     assert len(keys) == 14 * per_layer and all(k.startswith("base_model.model.model.layers.") for k in keys)

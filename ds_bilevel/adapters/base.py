@@ -1,8 +1,11 @@
-"""The adapter layer contract: wrap a frozen nn.Linear, declare two parameter levels.
+"""The adapter layer contract: wrap a frozen linear layer, declare two parameter levels.
 
 Wrap-and-replace as in PEFT: the original layer stays as ``base_layer``, so a base
 state dict (``...q_proj.base_layer.weight`` aside) loads unchanged and the base
-weights are never copied. Layouts follow PyTorch: W0 is (out, in).
+weights are never copied. Layouts follow PyTorch: W0 is (out, in). The base is an
+nn.Linear or transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc), which stores its
+weight (in, out): ``base_weight()`` gives it as (out, in) either way, as PEFT's
+``fan_in_fan_out`` does, so the methods' formulas never see the stored layout.
 """
 
 from __future__ import annotations
@@ -14,6 +17,23 @@ import torch
 from torch import nn
 
 from ds_bilevel.levels import Level
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, GPT, ...): a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def layer_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer an adapter can wrap, None for any other module.
+    From attributes, not the weight's shape: under ZeRO-3 a partitioned weight is empty."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return None
 
 
 def is_zero3_partitioned(param: torch.Tensor) -> bool:
@@ -66,12 +86,17 @@ class AdapterLayer(nn.Module):
 
     training_mode = "one_level"
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float):
         super().__init__()
+        features = layer_features(base_layer)
+        if features is None:
+            raise TypeError(f"adapters wrap nn.Linear or transformers' Conv1D layers, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = features
+        # Conv1D stores W0 as (in, out) (PEFT's fan_in_fan_out); adapters keep PyTorch's layout
+        # for their own factors (A (r, in), B (out, r)), so PEFT's tensors fit either way.
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.rank = rank
         self.scaling = alpha / rank  # s = alpha / r (Hu et al. 2021, section 4.1)
         # Dropout hits the adapter path only (the released BiDoRA code also dropped
@@ -92,6 +117,11 @@ class AdapterLayer(nn.Module):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as (out, in): the stored weight, or its transposed view for a Conv1D base."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
 
     @classmethod
     def rank_fields(cls, config) -> dict[str, int]:
@@ -119,20 +149,28 @@ class AdapterLayer(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """The (out, in) weight that a plain nn.Linear needs to reproduce this layer at
-        inference. Reads the base weight: call inside ``gathered_layer`` under ZeRO-3."""
+        inference (a Conv1D base stores its transpose). Reads the base weight: call inside
+        ``gathered_layer`` under ZeRO-3."""
         raise NotImplementedError
 
     def gathered_layer(self) -> contextlib.AbstractContextManager:
         """Gather this layer's base and adapter parameters (one layer, on every rank)."""
         return gathered([*self.base_layer.parameters(), *self.adapter_parameters()])
 
-    def merged_linear(self) -> nn.Linear:
-        """A new nn.Linear with the merged weight; the model is left unchanged."""
+    def merged_linear(self) -> nn.Module:
+        """A new layer of the base's kind (nn.Linear, or Conv1D) with the merged weight; the model
+        is left unchanged."""
         with self.gathered_layer(), torch.no_grad():
             weight = self.merged_weight()
             bias = self.base_layer.bias
-            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                               device=weight.device, dtype=weight.dtype)
+            if self.fan_in_fan_out:
+                from transformers.pytorch_utils import Conv1D
+
+                linear = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
+                weight = weight.T  # Conv1D's own (in, out) layout
+            else:
+                linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                                   device=weight.device, dtype=weight.dtype)
             linear.weight.copy_(weight)
             if bias is not None:
                 linear.bias.copy_(bias)

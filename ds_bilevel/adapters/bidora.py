@@ -50,7 +50,7 @@ class BiDoraLayer(DoraLayer):
         forward's activation-sized backward; this term has no activations, and with a
         detached norm its gradient would chase row lengths that D does not have.
         """
-        weight = self.base_layer.weight.float() + self.delta_weight().float()
+        weight = self.base_weight().float() + self.delta_weight().float()
         return weight / weight.norm(p=2, dim=1, keepdim=True)
 
     def direction_orthogonality(self) -> torch.Tensor:

@@ -72,7 +72,7 @@ class BiLoraLayer(AdapterLayer):
         return ((self.lora_P * self.lambdas()) @ self.lora_Q) * self.scaling  # (out, in)
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        return self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)
 
     # ---- regularisers ----------------------------------------------------------------
     def orthogonality(self) -> torch.Tensor:

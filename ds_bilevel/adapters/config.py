@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The default: every linear layer of the transformer blocks, not the output head (PEFT's
+# target_modules="all-linear"); adapters/inject.py resolves it against the model.
+ALL_LINEAR = "all-linear"
 LAMBDA_PARAMS = ("real", "softmax", "binary")
 
 
@@ -19,8 +22,9 @@ class AdapterConfig:
     """LoRA alpha; the update is scaled by s = alpha / rank."""
     dropout: float = 0.0
     """Dropout on the adapter path only (never on the frozen path)."""
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
-    """Names (last component, e.g. q_proj, or a full dotted name) of the nn.Linear layers to adapt."""
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """all-linear (every linear layer but the output head and a classifier's head, as PEFT), or names
+    (last component, e.g. q_proj, or a full dotted name) of the nn.Linear / Conv1D layers to adapt."""
     # Annotated bool (the command line parses it as one); None until validate() fills in the method's default.
     detach_norm: bool = None  # type: ignore[assignment]
     """DoRA/BiDoRA: treat the row norm ||W0 + s B A||_row as a constant in backward (DoRA section 4.3).
@@ -62,6 +66,9 @@ class AdapterConfig:
             raise ValueError(f"adapter.dropout: {self.dropout!r} must be in [0, 1)")
         if not self.target_modules:
             raise ValueError("adapter.target_modules: empty; give at least one linear-layer name")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"adapter.target_modules: {self.target_modules} mixes {ALL_LINEAR} with names; allowed: "
+                             f"{ALL_LINEAR} alone, or layer names")
         if self.lambda_param not in LAMBDA_PARAMS:
             raise ValueError(f"adapter.lambda_param: {self.lambda_param!r} is not one of "
                              f"{list(LAMBDA_PARAMS)}")

@@ -31,7 +31,7 @@ class DoraLayer(LoraLayer):
         # hypergradient: kept as an explicit setting.
         self.detach_norm = self.detach_norm_default if detach_norm is None else detach_norm
         with gathered([base_layer.weight]), torch.no_grad():
-            row_norm = base_layer.weight.float().norm(p=2, dim=1)  # (out,)
+            row_norm = self.base_weight().float().norm(p=2, dim=1)  # (out,)
         self.magnitude = nn.Parameter(row_norm.to(self.lora_A.dtype))
 
     @classmethod
@@ -43,13 +43,13 @@ class DoraLayer(LoraLayer):
 
     def direction_row_norm(self) -> torch.Tensor:
         """||W0 + s B A||_row, (out,); detached when ``detach_norm``."""
-        weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)
         norm = weight.norm(p=2, dim=1)
         return norm.detach() if self.detach_norm else norm
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.direction_row_norm()  # (out,)
-        w0, bias = self.base_layer.weight, self.base_layer.bias
+        w0, bias = self.base_weight(), self.base_layer.bias
         if isinstance(self.dropout, nn.Identity):
             out = scale * (F.linear(x, w0) + self.low_rank(x))
             return out if bias is None else out + bias
@@ -59,6 +59,6 @@ class DoraLayer(LoraLayer):
         return self.base_layer(x) + (scale - 1) * F.linear(x_drop, w0) + scale * self.low_rank(x_drop)
 
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)
         scale = self.magnitude / weight.norm(p=2, dim=1)
         return (scale.unsqueeze(1) * weight).to(self.base_layer.weight.dtype)

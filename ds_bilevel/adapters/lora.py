@@ -14,7 +14,7 @@ from ds_bilevel.levels import Level
 class LoraLayer(AdapterLayer):
     """One-level baseline: A and B are both inner parameters; there is no outer level."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(base_layer, rank, alpha, dropout)
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
@@ -40,4 +40,4 @@ class LoraLayer(AdapterLayer):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        return self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)

@@ -104,6 +104,8 @@ class Base:
     generation_config: dict
     """generation_config.json, as a dict (empty for an encoder: none is written)."""
     tokenizer: object
+    conv1d: frozenset[str] = frozenset()
+    """The base's Conv1D layers (GPT-2's c_attn, ...), whose weights are stored (in, out)."""
 
 
 def model_folder(run: RunFolder) -> Path | None:
@@ -130,6 +132,28 @@ def classifier_config(config: dict, labels: list[str]) -> dict:
             "label2id": {label: i for i, label in enumerate(labels)}}
 
 
+def conv1d_layers(folder: Path, labels: list[str] | None, trust_remote_code: bool) -> frozenset[str]:
+    """The Conv1D layers of the model the run trained, from its skeleton on the meta device (a
+    config read, no weights): a square Conv1D weight looks like a Linear one, so shapes cannot tell."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ds_bilevel.adapters.base import is_conv1d
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if labels is not None:
+            config.num_labels = len(labels)
+        auto = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
+        with init_empty_weights():
+            model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, ImportError) as error:
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise ExportError(f"model_name_or_path: {folder} cannot be built as the run's model ({type(error).__name__}: "
+                          f"{detail})") from None
+    return frozenset(name for name, module in model.named_modules() if is_conv1d(module))
+
+
 def open_base(run: RunFolder) -> Base:
     """The base the run trained, as the run built it (same tokenizer, vocabulary and seed)."""
     from transformers import GenerationConfig
@@ -153,4 +177,5 @@ def open_base(run: RunFolder) -> Base:
     else:
         generation = GenerationConfig(**{k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                          if config.get(k) is not None}).to_diff_dict()
-    return Base(SafetensorsFolder(folder), folder, config, generation, tokenizer)
+    return Base(SafetensorsFolder(folder), folder, config, generation, tokenizer,
+                conv1d_layers(folder, run.labels, run.trust_remote_code))

@@ -28,9 +28,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec]) -> dict[str, str]:
+def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec], conv1d: frozenset[str] = frozenset()
+                    ) -> dict[str, str]:
     """{base weight name: adapted layer name}, after checking every layer against the base
-    (names and shapes, on the meta device) so that a mismatch stops the export before it writes."""
+    (names and shapes, on the meta device) so that a mismatch stops the export before it writes.
+    ``conv1d``: the layers stored (in, out), transformers' Conv1D."""
     by_name = {spec.name: spec for spec in specs}
     weights = {}
     for layer in adapters.layers:
@@ -38,7 +40,8 @@ def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec]) -> dict[str,
         if spec is None or len(spec.shape) != 2:
             raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} adapts layer {layer}, but the base has no 2-D "
                               f"tensor {layer}.weight (a weight tied to another, or another base model?)")
-        adapters.layer(layer, torch.empty(spec.shape, device="meta"), load_values=False)
+        adapters.layer(layer, torch.empty(spec.shape, device="meta"), load_values=False,
+                       fan_in_fan_out=layer in conv1d)
         weights[spec.name] = layer
     return weights
 
@@ -59,15 +62,17 @@ def output_tensors(base: Base, adapters: AdapterFile | None, dtype: torch.dtype)
     the base's, then the head tensors the base lacks; floats cast to ``dtype``."""
     from tqdm.auto import tqdm
 
-    adapted = adapted_weights(adapters, base.source.specs) if adapters is not None else {}
+    adapted = adapted_weights(adapters, base.source.specs, base.conv1d) if adapters is not None else {}
     head = adapters.head if adapters is not None else {}
     extra = [(spec.name, head[spec.name]) for spec in head_specs(base, adapters)]
     tensors = tqdm(base.source.tensors(), total=len(base.source.specs), desc="export", unit="tensor",
                    disable=None, leave=False)
     for name, tensor in itertools.chain(tensors, extra):  # streamed: one base tensor at a time
         if name in adapted:
+            conv1d = adapted[name] in base.conv1d
             with torch.no_grad():
-                tensor = adapters.layer(adapted[name], tensor).merged_weight()
+                merged = adapters.layer(adapted[name], tensor, fan_in_fan_out=conv1d).merged_weight()
+            tensor = merged.T if conv1d else merged  # merged_weight is (out, in); Conv1D stores (in, out)
         tensor = head.get(name, tensor)
         yield name, (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
 
@@ -84,6 +89,30 @@ def write_config(base: Base, folder: Path, dtype: torch.dtype) -> None:
             shutil.copy2(code, folder / code.name)
 
 
+# The tokenizer files an HF folder ships (sentencepiece, BPE, WordPiece, tiktoken; the chat template
+# in its own file or in tokenizer_config.json), copied byte for byte: re-saving through transformers
+# drops tokenizer.model (llama.cpp's converter needs it for sentencepiece vocabularies) and writes a
+# tokenizer_config.json that older transformers cannot read.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
+                   "merges.txt", "*.model", "*.tiktoken")
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
+
+
+def write_tokenizer(base: Base, folder: Path) -> None:
+    """The base's tokenizer files as they are, or, for a base without them (a builtin), the run's
+    tokenizer saved by transformers."""
+    files = sorted({path for pattern in TOKENIZER_FILES for path in base.folder.glob(pattern) if path.is_file()}
+                   ) if base.folder is not None else []
+    if not files:
+        base.tokenizer.save_pretrained(str(folder))
+        return
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    for name in TOKENIZER_FOLDERS:
+        if (base.folder / name).is_dir():
+            shutil.copytree(base.folder / name, folder / name)
+
+
 def write_model_folder(base: Base, adapters: AdapterFile | None, folder: Path, dtype: torch.dtype,
                        max_bytes: int) -> list[str]:
     """A folder that AutoModelForCausalLM.from_pretrained (AutoModelForSequenceClassification, for
@@ -93,7 +122,7 @@ def write_model_folder(base: Base, adapters: AdapterFile | None, folder: Path, d
     specs = [*base.source.specs, *head_specs(base, adapters)]
     files = write_sharded(output_tensors(base, adapters, dtype), specs, dtype, folder, max_bytes)
     write_config(base, folder, dtype)
-    base.tokenizer.save_pretrained(str(folder))
+    write_tokenizer(base, folder)
     return files
 
 

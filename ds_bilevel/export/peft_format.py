@@ -27,10 +27,12 @@ import torch
 from safetensors.torch import save_file
 
 from ds_bilevel.adapters import AdapterConfig, AdapterLayer
+from ds_bilevel.adapters.config import ALL_LINEAR
 from ds_bilevel.export.base_source import Base, TensorSpec
-from ds_bilevel.export.merged import adapted_weights, write_model_folder
+from ds_bilevel.export.merged import adapted_weights, write_model_folder, write_tokenizer
 from ds_bilevel.export.run_folder import AdapterFile, ExportError
 from ds_bilevel.export.shards import make_readable
+from ds_bilevel.heads import head_module
 
 PEFT_PREFIX = "base_model.model."
 BASE_SUBFOLDER = "base"
@@ -69,32 +71,42 @@ def module_names(specs: list[TensorSpec]) -> set[str]:
 
 
 def peft_target_modules(config: AdapterConfig, layers: list[str], specs: list[TensorSpec]) -> list[str]:
-    """The run's target names when PEFT's rule (a module whose name is, or ends in ".", a target)
-    selects exactly the adapted layers; otherwise the adapted layers' full names."""
-    selected = {m for m in module_names(specs)
-                if any(m == t or m.endswith("." + t) for t in config.target_modules)}
-    return list(config.target_modules) if selected == set(layers) else sorted(layers)
+    """The first of these that PEFT's rule (a module whose name is, or ends in ".", a target) turns
+    into exactly the adapted layers: the run's target names (not the all-linear sentinel, which
+    PEFT would resolve by its own rule), the adapted layers' kinds (last name components), and
+    failing both the adapted layers' full names."""
+    modules = module_names(specs)
+    candidates = [sorted({layer.rsplit(".", 1)[-1] for layer in layers})]
+    if ALL_LINEAR not in config.target_modules:
+        candidates.insert(0, list(config.target_modules))
+    for targets in candidates:
+        if {m for m in modules if any(m == t or m.endswith("." + t) for t in targets)} == set(layers):
+            return targets
+    return sorted(layers)
 
 
 def adapter_config(config: AdapterConfig, use_dora: bool, targets: list[str], base_path: str,
-                   head: list[str] | None = None) -> dict:
-    """PEFT's adapter_config.json; ``head``: the classification head's module (an encoder run)."""
+                   head: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
+    """PEFT's adapter_config.json; ``head``: the classification head's modules (an encoder run);
+    ``fan_in_fan_out``: the adapted layers are Conv1D (GPT-2), whose weight is stored (in, out)."""
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if head else "CAUSAL_LM", "base_model_name_or_path": base_path,
             "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": targets, "use_dora": use_dora, "use_rslora": False, "bias": "none",
-            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": head or None,
+            "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True, "modules_to_save": head or None,
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
             "revision": None}
 
 
-def peft_tensors(adapters: AdapterFile, specs: list[TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every adapted layer's PEFT tensors (the adapter's size, not the model's)."""
+def peft_tensors(adapters: AdapterFile, specs: list[TensorSpec], dtype: torch.dtype,
+                 conv1d: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Every adapted layer's PEFT tensors (the adapter's size, not the model's). A Conv1D layer's
+    are the same as a Linear's: PEFT keeps A (r, in) and B (out, r) and transposes W0 instead."""
     form, _ = PEFT_FORMS[adapters.config.method]
     shapes = {spec.name: spec.shape for spec in specs}
     tensors = {}
     with torch.no_grad():
-        for weight, name in adapted_weights(adapters, specs).items():
-            layer = adapters.layer(name, torch.empty(shapes[weight], device="meta"))
+        for weight, name in adapted_weights(adapters, specs, conv1d).items():
+            layer = adapters.layer(name, torch.empty(shapes[weight], device="meta"), fan_in_fan_out=name in conv1d)
             for key, value in form(layer).items():
                 tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().to(dtype).contiguous()
     for name, value in adapters.head.items():  # modules_to_save, as PEFT writes them
@@ -110,7 +122,7 @@ def export_peft(adapters: AdapterFile, base: Base, folder: Path, final_folder: P
     if method not in PEFT_FORMS:
         raise ExportError(f"format: method {method!r} has no exact PEFT form; use --format merged")
     specs = base.source.specs
-    save_file(peft_tensors(adapters, specs, dtype), str(folder / "adapter_model.safetensors"),
+    save_file(peft_tensors(adapters, specs, dtype, base.conv1d), str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     make_readable(folder / "adapter_model.safetensors")
     files = ["adapter_model.safetensors", "adapter_config.json"]
@@ -119,9 +131,12 @@ def export_peft(adapters: AdapterFile, base: Base, folder: Path, final_folder: P
     else:
         write_model_folder(base, None, folder / BASE_SUBFOLDER, dtype, max_bytes)
         base_path, files = str(final_folder.resolve() / BASE_SUBFOLDER), [*files, BASE_SUBFOLDER]
-    head = sorted({name.split(".", 1)[0] for name in adapters.head})
+    head = sorted({head_module(name) for name in adapters.head})  # classifier, bert.pooler, ...
+    # The head's modules count for PEFT's matching too (RoBERTa's classifier.dense ends in "dense").
+    head_specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in adapters.head.items()]
     config = adapter_config(adapters.config, PEFT_FORMS[method][1],
-                            peft_target_modules(adapters.config, adapters.layers, specs), base_path, head)
+                            peft_target_modules(adapters.config, adapters.layers, [*specs, *head_specs]), base_path, head,
+                            fan_in_fan_out=any(layer in base.conv1d for layer in adapters.layers))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    base.tokenizer.save_pretrained(str(folder))
+    write_tokenizer(base, folder)
     return files

@@ -133,12 +133,20 @@ class AdapterFile:
             return {name: f.get_tensor(f"{layer}.{name}").float() for name in self.param_names}
 
     @torch.no_grad()
-    def layer(self, name: str, base_weight: torch.Tensor, load_values: bool = True) -> AdapterLayer:
+    def layer(self, name: str, base_weight: torch.Tensor, load_values: bool = True,
+              fan_in_fan_out: bool = False) -> AdapterLayer:
         """The method's layer around a bias-free nn.Linear holding ``base_weight`` (out, in) in
-        fp32, with this layer's trained tensors (their shapes only, on the meta device, unless
-        ``load_values``). The base weight may be a meta tensor where only the adapters matter."""
+        fp32 (a bias-free Conv1D holding it (in, out), with ``fan_in_fan_out``), with this layer's
+        trained tensors (their shapes only, on the meta device, unless ``load_values``). The base
+        weight may be a meta tensor where only the adapters matter."""
         with torch.device("meta"):
-            linear = nn.Linear(base_weight.shape[1], base_weight.shape[0], bias=False)
+            if fan_in_fan_out:
+                from transformers.pytorch_utils import Conv1D
+
+                linear = Conv1D(base_weight.shape[1], base_weight.shape[0])
+                linear.register_parameter("bias", None)  # the merge reads the weight only
+            else:
+                linear = nn.Linear(base_weight.shape[1], base_weight.shape[0], bias=False)
             layer = self.layer_cls.from_config(linear, self.config)
         state = {"base_layer.weight": base_weight.float(), **self._tensors(name, meta=not load_values)}
         try:
