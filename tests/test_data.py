@@ -126,8 +126,9 @@ def test_a_tokenizer_without_eos_is_refused_before_launch_for_a_causal_lm(tmp_pa
     from ds_bilevel.config import RunConfig
     from ds_bilevel.validation import check_run
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).to(torch.float32).save_pretrained(tmp_path)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(tmp_path)
     BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"])}
                   ).save_pretrained(tmp_path)
     run = RunConfig(model_name_or_path=str(tmp_path), output_dir=str(tmp_path / "run"))

@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
+from families import CAUSAL, ENCODERS, causal_lm, classifier, save_causal_folder
 from peft import PeftModel
 from run_folders import write_run
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from families import CAUSAL, ENCODERS, causal_lm, classifier, save_causal_folder
 from ds_bilevel.adapters import AdapterConfig, AdapterLayer, inject_adapters, merge_adapters
 from ds_bilevel.adapters.inject import layer_kinds, target_layer_names
 from ds_bilevel.config import RunConfig
@@ -145,6 +145,37 @@ def folders(tmp_path_factory):
 
 CASES = [(family, method) for family in CAUSAL for method in ("lora", "bidora")]
 CASES += [("gpt2", method) for method in ("dora", "bilora", "bilora_sam")]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_gpt2_base_saved_without_its_prefix_exports(method, tmp_path):
+    """GPT-2 as published holds h.0.attn.c_attn.weight, not transformer.h.0...: both exports still
+    reproduce the adapted model, and the merged folder keeps the base's names."""
+    from families import config_of, write_tokenizer_files
+    from safetensors import safe_open
+    from transformers import GPT2Model
+
+    base_dir = tmp_path / "gpt2-bare"
+    torch.manual_seed(0)
+    GPT2Model(config_of("gpt2")).save_pretrained(base_dir)
+    write_tokenizer_files(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    adapter = AdapterConfig(method=method, rank=4, alpha=8.0)
+    torch.manual_seed(0)
+    inject_adapters(model, adapter)
+    randomize(model)
+    expected = logits(model)
+    run_dir = write_run(tmp_path / "run", model, RunConfig(model_name_or_path=str(base_dir),
+                                                          output_dir=str(tmp_path / "run"), adapter=adapter))
+    merged_dir = export(run_dir, tmp_path / "merged", "merged", "float32")
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as f:
+        assert "h.0.attn.c_attn.weight" in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+    peft_dir = export(run_dir, tmp_path / "peft", "peft")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    errors = {"merged": rel_err(logits(merged), expected), "peft": rel_err(logits(peft.eval()), expected)}
+    assert max(errors.values()) < 1e-5, errors
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

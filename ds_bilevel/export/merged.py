@@ -37,6 +37,11 @@ def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec], conv1d: froz
     weights = {}
     for layer in adapters.layers:
         spec = by_name.get(f"{layer}.weight")
+        if spec is None and "." in layer:
+            # A base saved without its model's prefix (GPT-2 as published: h.0.attn.c_attn.weight, where
+            # the causal LM names it transformer.h.0...): transformers adds the prefix at load, so the
+            # merged folder keeps the base's names and loads the same way.
+            spec = by_name.get(f"{layer.split('.', 1)[1]}.weight")
         if spec is None or len(spec.shape) != 2:
             raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} adapts layer {layer}, but the base has no 2-D "
                               f"tensor {layer}.weight (a weight tied to another, or another base model?)")

@@ -92,7 +92,8 @@ def adapter_config(config: AdapterConfig, use_dora: bool, targets: list[str], ba
     return {"peft_type": "LORA", "task_type": "SEQ_CLS" if head else "CAUSAL_LM", "base_model_name_or_path": base_path,
             "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": targets, "use_dora": use_dora, "use_rslora": False, "bias": "none",
-            "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True, "modules_to_save": head or None,
+            "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": head or None,
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
             "revision": None}
 
@@ -135,7 +136,8 @@ def export_peft(adapters: AdapterFile, base: Base, folder: Path, final_folder: P
     # The head's modules count for PEFT's matching too (RoBERTa's classifier.dense ends in "dense").
     head_specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in adapters.head.items()]
     config = adapter_config(adapters.config, PEFT_FORMS[method][1],
-                            peft_target_modules(adapters.config, adapters.layers, [*specs, *head_specs]), base_path, head,
+                            peft_target_modules(adapters.config, adapters.layers, [*specs, *head_specs]), base_path,
+                            head,
                             fan_in_fan_out=any(layer in base.conv1d for layer in adapters.layers))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(base, folder)
