@@ -30,8 +30,12 @@ def peft_model(run, method: str, ds_config: dict, vocab_size: int):
     model.config.use_cache = False
     if run.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT takes the all-linear default as a string (a list would name a module called "all-linear"):
+    # both then adapt the same layers, every linear layer but lm_head.
+    targets = run.adapter.target_modules
     config = LoraConfig(r=run.adapter.rank, lora_alpha=run.adapter.alpha, lora_dropout=run.adapter.dropout,
-                        target_modules=list(run.adapter.target_modules), use_dora=method == "dora",
+                        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+                        use_dora=method == "dora",
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
