@@ -9,7 +9,15 @@ Cost: 2K + 3 passes.
 """
 
 from ds_bilevel.hypergrad.config import BilevelConfig
-from ds_bilevel.hypergrad.problem import BilevelProblem, Objective, Tensors, axpy, dot, second_order_products
+from ds_bilevel.hypergrad.problem import (
+    BilevelProblem,
+    Objective,
+    SharedRandomness,
+    Tensors,
+    axpy,
+    dot,
+    second_order_products,
+)
 
 
 def cg(problem: BilevelProblem, config: BilevelConfig) -> Tensors:
@@ -17,10 +25,11 @@ def cg(problem: BilevelProblem, config: BilevelConfig) -> Tensors:
     solution = [0.0 * x for x in v]
     residual, direction = list(v), list(v)
     residual_sq = dot(residual, residual)
+    randomness = SharedRandomness()  # one dropout mask for every product: one operator H
     for _ in range(config.cg_steps):
         if residual_sq.item() == 0.0:
             break
-        hvp, _ = second_order_products(problem, direction, config.hypergrad_eps)
+        hvp, _ = second_order_products(problem, direction, config.hypergrad_eps, randomness)
         curvature = dot(direction, hvp)
         if curvature.item() <= 0.0:
             break
@@ -30,5 +39,5 @@ def cg(problem: BilevelProblem, config: BilevelConfig) -> Tensors:
         new_sq = dot(residual, residual)
         direction = axpy((new_sq / residual_sq).item(), direction, residual)
         residual_sq = new_sq
-    _, mixed = second_order_products(problem, solution, config.hypergrad_eps)
+    _, mixed = second_order_products(problem, solution, config.hypergrad_eps, randomness)
     return axpy(-1.0, mixed, grad_lam)

@@ -10,11 +10,18 @@ Cost: 3 passes (one on D2, two on D1).
 """
 
 from ds_bilevel.hypergrad.config import BilevelConfig
-from ds_bilevel.hypergrad.problem import BilevelProblem, Objective, Tensors, axpy, second_order_products
+from ds_bilevel.hypergrad.problem import (
+    BilevelProblem,
+    Objective,
+    SharedRandomness,
+    Tensors,
+    axpy,
+    second_order_products,
+)
 
 
 def darts(problem: BilevelProblem, config: BilevelConfig) -> Tensors:
     v, grad_lam = problem.gradients(Objective.OUTER)
-    _, mixed = second_order_products(problem, v, config.hypergrad_eps)
+    _, mixed = second_order_products(problem, v, config.hypergrad_eps, SharedRandomness())
     xi = problem.inner_learning_rate() if config.darts_form == "original" else 1.0
     return axpy(-xi, mixed, grad_lam)

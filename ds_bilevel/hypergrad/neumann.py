@@ -7,17 +7,25 @@ Cost: 2K + 3 passes (one on D2, 2 per Hessian-vector product, 2 for J p).
 """
 
 from ds_bilevel.hypergrad.config import BilevelConfig
-from ds_bilevel.hypergrad.problem import BilevelProblem, Objective, Tensors, axpy, second_order_products
+from ds_bilevel.hypergrad.problem import (
+    BilevelProblem,
+    Objective,
+    SharedRandomness,
+    Tensors,
+    axpy,
+    second_order_products,
+)
 
 
 def neumann(problem: BilevelProblem, config: BilevelConfig) -> Tensors:
     v, grad_lam = problem.gradients(Objective.OUTER)
     alpha = config.neumann_alpha or problem.inner_learning_rate()
+    randomness = SharedRandomness()  # one dropout mask for every product: one operator H
     term, total = v, list(v)
     for _ in range(config.neumann_terms):
-        hvp, _ = second_order_products(problem, term, config.hypergrad_eps)
+        hvp, _ = second_order_products(problem, term, config.hypergrad_eps, randomness)
         term = axpy(-alpha, hvp, term)  # (I - alpha H) term
         total = axpy(1.0, term, total)
     inverse_hvp = [alpha * t for t in total]
-    _, mixed = second_order_products(problem, inverse_hvp, config.hypergrad_eps)
+    _, mixed = second_order_products(problem, inverse_hvp, config.hypergrad_eps, randomness)
     return axpy(-1.0, mixed, grad_lam)

@@ -51,16 +51,62 @@ def axpy(alpha: float | torch.Tensor, x: Tensors, y: Tensors) -> Tensors:
     return [alpha * xi + yi for xi, yi in zip(x, y, strict=True)]
 
 
-def second_order_products(problem: BilevelProblem, u: Tensors, eps: float) -> tuple[Tensors, Tensors]:
+def _accelerator_rng():
+    """The device module (torch.cuda, torch.xpu, ...) whose generator this process's forward uses,
+    or None on CPU or before the device was ever initialised (then nothing was drawn on it)."""
+    device = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if device is None:
+        return None
+    module = torch.get_device_module(device)
+    initialised = getattr(module, "is_initialized", lambda: True)()
+    return module if initialised and hasattr(module, "get_rng_state") else None
+
+
+class SharedRandomness:
+    """One random state for every perturbed inner-objective pass of one hypergradient.
+
+    A central difference (g(w + t u) - g(w - t u)) / 2t assumes that the two gradients are of
+    the same function: with dropout in train mode (adapter dropout, an encoder's hidden
+    dropout) each pass would draw its own mask, and the difference of two masks, divided by
+    2t, swamps J u (issue 12 item 6: up to 181% at dropout 0.1). So the first perturbed pass
+    records the generators' state (torch's CPU generator and, where the forward runs on an
+    accelerator, that device's) and every later one starts from it: w+ and w-, and all the
+    Hessian-vector products of neumann and cg (one operator H, as their convergence assumes),
+    see the same masks. Each rank replays its own generators, so this holds at every ZeRO
+    stage and world size, and needs nothing from DeepSpeed; torch.utils.checkpoint restores
+    the state it recomputes with, so activation checkpointing keeps the masks too. The stream
+    afterwards is the recorded state advanced by one inner pass: deterministic, as before.
+    """
+
+    def __init__(self) -> None:
+        self._state: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def replay(self) -> None:
+        accelerator = _accelerator_rng()
+        if self._state is None:
+            self._state = (torch.get_rng_state(), accelerator.get_rng_state() if accelerator else None)
+            return
+        torch.set_rng_state(self._state[0])
+        if accelerator is not None and self._state[1] is not None:
+            accelerator.set_rng_state(self._state[1])
+
+
+def second_order_products(problem: BilevelProblem, u: Tensors, eps: float,
+                          randomness: SharedRandomness | None = None) -> tuple[Tensors, Tensors]:
     """(H u, J u) with H = d2 L_tr / dw2 and J = d2 L_tr / dlam dw, by central differences.
 
     The step is eps / ||u|| along u (DARTS' choice, as in Betty): the perturbation has
     norm eps whatever the scale of u. Two inner-objective passes; the error is O(eps^2).
+    Both passes start from the random state of ``randomness`` (a hypergradient passes one for
+    all its products; by default the two passes of this product share theirs).
     """
+    randomness = randomness or SharedRandomness()
     step = eps / max(norm(u).item(), 1e-30)  # u = 0: both passes agree and the products are 0
     problem.perturb_inner(u, +step)
+    randomness.replay()
     grad_w_plus, grad_lam_plus = problem.gradients(Objective.INNER)
     problem.perturb_inner(u, -step)
+    randomness.replay()
     grad_w_minus, grad_lam_minus = problem.gradients(Objective.INNER)
     problem.perturb_inner(None)
     hvp = [(p - m) / (2 * step) for p, m in zip(grad_w_plus, grad_w_minus, strict=True)]
