@@ -16,12 +16,10 @@ backward goes through the DeepSpeed engine, so ZeRO gathers, reduces and partiti
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ds_bilevel.adapters.base import AdapterLayer, gathered
-from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor, scale_auxiliary_
+from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
 from ds_bilevel.config import RunConfig
 from ds_bilevel.ds_config import offloads_optimizer, zero_stage
 from ds_bilevel.hypergrad import HYPERGRADS, Objective
@@ -33,6 +31,7 @@ from ds_bilevel.zero_access import (
     full_grads,
     master_value,
     master_values,
+    scale_compute_weight_,
     scale_master_,
     set_grad,
     set_master_value,
@@ -101,7 +100,7 @@ class BilevelEngine:
         return self.engine.module
 
     # ---- passes --------------------------------------------------------------------------
-    def forward_loss(self, batch: dict[str, torch.Tensor], labelled_tokens: int) -> tuple[torch.Tensor, float]:
+    def forward_loss(self, batch: dict[str, torch.Tensor], labelled_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This micro-batch's share of the global-batch mean loss, scaled for DeepSpeed.
 
         DeepSpeed divides by the accumulation steps and averages gradients over ranks;
@@ -109,12 +108,14 @@ class BilevelEngine:
         gradient is the mean over the whole global batch, however it is split across ranks and
         micro-steps (world-size invariance). The count is labelled tokens, or examples for a
         classifier (``labelled_tokens`` of the batch; the loss itself is ``losses.loss_sum``).
+        Also returns the unscaled sum, detached and left on the device: reading it here would make
+        the host wait for this forward before it can queue the backward.
         """
         device = self.engine.device
         logits = self.engine(input_ids=batch["input_ids"].to(device),
                              attention_mask=batch["attention_mask"].to(device)).logits
         summed = loss_sum(logits, batch["labels"].to(device))
-        return summed * (self.world_size * self.accumulation / labelled_tokens), summed.item()
+        return summed * (self.world_size * self.accumulation / labelled_tokens), summed.detach()
 
     def _run_pass(self, objective: Objective) -> None:
         """Backward over the current batch of ``objective``, leaving the cycle open with the
@@ -125,7 +126,7 @@ class BilevelEngine:
         batch = self.batches[objective]
         set_regularization(self.module, (OBJECTIVE_LEVEL[objective],), self.accumulation)
         self.engine.train()
-        summed = 0.0
+        summed = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for k, micro in enumerate(batch.micro_batches):
             loss, micro_sum = self.forward_loss(micro, batch.labelled_tokens)
             self.engine.backward(loss)
@@ -133,17 +134,17 @@ class BilevelEngine:
             if k < len(batch.micro_batches) - 1:
                 self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
         self._cycle_open = True
-        total = torch.tensor([summed], dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(total)
-        self.losses[objective] = total.item() / batch.labelled_tokens
+        dist.all_reduce(summed)  # on the device; read by the caller once per logged step
+        self.losses[objective] = summed / batch.labelled_tokens
 
-    def _step_levels(self, levels: tuple[Level, ...], loss: float) -> None:
+    def _step_levels(self, levels: tuple[Level, ...], loss: torch.Tensor) -> None:
         """Close the open cycle with an optimizer step of ``levels``. LevelAdamW skips it (nothing
         moves) when ``loss`` or any gradient is not finite; skipped steps are counted, and
         ``max_nonfinite_steps`` of them in a row stop the run. ZeRO's optimizers check the
         gradients themselves and skip before reaching LevelAdamW ("OVERFLOW! Skipping step"):
-        DeepSpeed's skipped_steps counts those."""
-        self.client_optimizer.loss_is_finite, self.client_optimizer.skipped = math.isfinite(loss), False
+        DeepSpeed's skipped_steps counts those. The loss's finiteness stays a device tensor: LevelAdamW
+        reads it together with the gradients' in its one host sync per step."""
+        self.client_optimizer.loss_is_finite, self.client_optimizer.skipped = torch.isfinite(loss), False
         skipped_by_deepspeed = self.engine.skipped_steps
         self._close_cycle(levels)
         self.client_optimizer.loss_is_finite = True
@@ -155,7 +156,7 @@ class BilevelEngine:
         if self.nonfinite_in_a_row >= self.run.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last loss "
-                f"{loss}); stopping as max_nonfinite_steps={self.run.max_nonfinite_steps} says. The weights and "
+                f"{float(loss)}); stopping as max_nonfinite_steps={self.run.max_nonfinite_steps} says. The weights and "
                 f"checkpoints hold no non-finite value: resume from the last checkpoint with a lower learning_rate "
                 f"or max_grad_norm, or check the data (docs/failures.md)")
 
@@ -170,7 +171,8 @@ class BilevelEngine:
         # DeepSpeed clips the global norm of all gradients present: the level that does not
         # step must not count.
         for param in self.params[level]:
-            set_grad(param, torch.zeros(param.ds_shape if hasattr(param, "ds_id") else param.shape))
+            shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
+            set_grad(param, torch.zeros(shape, device=self.engine.device))
 
     # ---- hypergrad.BilevelProblem ----------------------------------------------------------
     def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -194,12 +196,13 @@ class BilevelEngine:
             write_compute_weight(param, value)
         if direction is None:
             self._masters = None
+        return scale
 
     def inner_learning_rate(self) -> float:
         return self.scheduler.get_lr(Level.INNER)
 
     # ---- steps -----------------------------------------------------------------------------
-    def inner_step(self, batch: Batch) -> float:
+    def inner_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step of the inner level on ``batch`` (D1, or all data for one level)."""
         self.batches[Objective.INNER] = batch
         self._run_pass(Objective.INNER)
@@ -209,7 +212,7 @@ class BilevelEngine:
         self.scheduler.step(Level.INNER)
         return self.losses[Objective.INNER]
 
-    def outer_step(self, batch: Batch) -> float:
+    def outer_step(self, batch: Batch) -> torch.Tensor:
         """One outer step on ``batch`` (D2) with the configured hypergradient. The inner-objective
         passes of second-order methods use the last inner batch."""
         self.batches[Objective.OUTER] = batch
@@ -222,7 +225,7 @@ class BilevelEngine:
         self.scheduler.step(Level.OUTER)
         return self.losses[Objective.OUTER]
 
-    def sharpness_step(self, batch: Batch) -> float:
+    def sharpness_step(self, batch: Batch) -> torch.Tensor:
         """Bi-LoRA: one pass; the primary (inner) level descends, the auxiliary (outer) level
         ascends (AdamW on the gradient its layers' backward already negated, ascend_in_backward),
         then the global clip to rho."""
@@ -234,22 +237,22 @@ class BilevelEngine:
         self.clip_auxiliary()
         return self.losses[Objective.INNER]
 
-    def clip_auxiliary(self) -> float:
+    def clip_auxiliary(self) -> torch.Tensor:
         """c = sqrt(sum_j ||s B2_j A2_j||_F^2) over every auxiliary module, from the weights the
         forward uses: whole on every rank at ZeRO 0-2, gathered in one call at ZeRO-3; the fp32
         masters themselves in fp32, their bf16 rounding under bf16. c is the same on every rank.
-        If c > rho, every rank scales its share of the masters and its compute weights of every
-        B2 and A2 by sqrt(rho / c): no per-parameter communication (it was 2 collectives per
-        module, which cost Bi-LoRA more than its extra adapter)."""
+        Every rank scales its share of the masters and its compute weights of every B2 and A2 by
+        sqrt(rho / c) if c > rho, else by exactly 1 (bit for bit a no-op): no per-parameter
+        communication (it was 2 collectives per module, which cost Bi-LoRA more than its extra
+        adapter), and no host sync to decide (the factor stays on the device)."""
         layers = auxiliary_layers(self.module)
         params = [p for layer in layers for p in (layer.aux_A, layer.aux_B)]
         with gathered(params), torch.no_grad():
-            norm = float(sum(layer.auxiliary_sq_norm() for layer in layers)) ** 0.5
+            norm = torch.stack([layer.auxiliary_sq_norm() for layer in layers]).sum().sqrt()
         factor = clip_factor(norm, self.run.adapter.rho)
-        if factor != 1.0:
-            for param in params:
-                scale_master_(param, factor)
-            scale_auxiliary_(self.module, factor)
+        for param in params:
+            scale_master_(param, factor)
+            scale_compute_weight_(param, factor)
         return norm
 
     def start_retraining(self) -> None:
@@ -261,6 +264,7 @@ class BilevelEngine:
         self.client_optimizer.reset_state(Level.INNER)
         self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
 
-    def step(self, kind: str, batch: Batch) -> float:
+    def step(self, kind: str, batch: Batch) -> torch.Tensor:
+        """One step of ``kind``; its loss as a device tensor (read it only when logging)."""
         return {"inner": self.inner_step, "retrain": self.inner_step, "outer": self.outer_step,
                 "sharpness": self.sharpness_step}[kind](batch)

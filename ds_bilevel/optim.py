@@ -15,20 +15,21 @@ import torch
 from ds_bilevel.levels import Level
 
 
-def all_ranks_finite(tensors: list[torch.Tensor], also: bool = True) -> bool:
-    """True when every tensor is finite on every rank (and ``also``). Collective when a process
-    group exists: under ZeRO each rank holds only a partition of the gradients, and all ranks
-    must agree to skip."""
-    local = also and all(bool(torch.isfinite(t).all()) for t in tensors)
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return local
-    import deepspeed.comm as dist
-
+def all_ranks_finite(tensors: list[torch.Tensor], also: bool | torch.Tensor = True) -> bool:
+    """True when every tensor is finite on every rank (and ``also``, a flag that may be a device
+    tensor). Collective when a process group exists: under ZeRO each rank holds only a partition of
+    the gradients, and all ranks must agree to skip. One host sync in all: the per-tensor checks
+    stay on the device until the one flag is read."""
     device = tensors[0].device if tensors else torch.device("cpu")
     if device.type == "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = torch.as_tensor(also, dtype=torch.float32, device=device).reshape(1).clone()
+    if tensors:
+        flag *= torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed.comm as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
 
 
@@ -42,7 +43,7 @@ class LevelStepMixin:
     """
 
     active_levels: frozenset[str] = frozenset({Level.INNER.value})
-    loss_is_finite: bool = True
+    loss_is_finite: bool | torch.Tensor = True
     skipped: bool = False
 
     @torch.no_grad()

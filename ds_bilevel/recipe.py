@@ -126,6 +126,11 @@ def peak_memory_per_rank() -> list[float]:
     return [round(v.item(), 3) for v in values]
 
 
+def on_host(value):
+    """A device scalar as a Python float (a host sync); anything else as it is."""
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
 class TrainingRecipe:
     def __init__(self, run: RunConfig, ds_config: dict):
         self.run, self.ds_config = run, ds_config
@@ -213,10 +218,15 @@ class TrainingRecipe:
                 continue  # an inner step and its outer steps form one unit: log and save after both
             elapsed = time.perf_counter() - start
             step = state["inner_done"]
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}",
-                                 **({"outer": f"{state['outer_loss']:.3f}"} if state["outer_loss"] else {}),
-                                 **({"skipped": self.engine.nonfinite_steps} if self.engine.nonfinite_steps else {}))
             if step % run.log_steps == 0 or step == total:
+                # Losses stay device tensors between logged steps: reading one makes the host wait
+                # for the device, so it happens once per logged step (issue 13).
+                loss, state["outer_loss"], state["first_loss"] = (
+                    on_host(loss), on_host(state["outer_loss"]), on_host(state["first_loss"]))
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}",
+                                     **({"outer": f"{state['outer_loss']:.3f}"} if state["outer_loss"] else {}),
+                                     **({"skipped": self.engine.nonfinite_steps} if self.engine.nonfinite_steps
+                                        else {}))
                 self._log({"step": step, "train_loss": loss, "outer_loss": state["outer_loss"],
                            "lr": self.engine.scheduler.get_lr(Level.INNER),
                            "outer_lr": self.engine.scheduler.get_lr(Level.OUTER),
@@ -224,8 +234,11 @@ class TrainingRecipe:
                            "nonfinite_steps": self.engine.nonfinite_steps})
             if (run.eval_steps and step % run.eval_steps == 0 or step == run.max_steps) and step < total:
                 self._evaluate(step)  # and at the end of the bi-level phase when retraining follows
-            if run.save_steps and step % run.save_steps == 0 and step < total:
-                self._save_checkpoint({**state, "position": position + 1})
+            if run.save_steps and (step % run.save_steps == 0 or step == total):
+                # The last step too (as HF Trainer): a finished run can be resumed with a larger
+                # max_steps, and a crash in the final save or export loses nothing.
+                self._save_checkpoint({**{k: on_host(v) for k, v in state.items()}, "position": position + 1,
+                                       "last_loss": on_host(loss)})
         progress.close()
         train_time = time.perf_counter() - start
         after = self._evaluate(total)

@@ -42,14 +42,17 @@ class ReferenceBilevel:
 
     # ---- hypergrad.BilevelProblem ----------------------------------------------------------
     def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        (batch,), tokens = self.batches[objective].micro_batches, self.batches[objective].labelled_tokens
+        micro_batches, tokens = self.batches[objective].micro_batches, self.batches[objective].labelled_tokens
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        data_loss = loss_sum(logits, batch["labels"]) / tokens
-        reg = regularizer(self.model, OBJECTIVE_LEVEL[objective])
-        (data_loss if reg is None else data_loss + reg).backward()
-        self.losses[objective] = data_loss.item()
+        data_loss = 0.0
+        for k, batch in enumerate(micro_batches):  # one forward per global batch unless run_reference splits it
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = loss_sum(logits, batch["labels"]) / tokens
+            reg = regularizer(self.model, OBJECTIVE_LEVEL[objective]) if k == 0 else None
+            (loss if reg is None else loss + reg).backward()
+            data_loss += loss.item()
+        self.losses[objective] = data_loss
         grads = {level: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params[level]]
                  for level in Level}
         self.model.zero_grad(set_to_none=True)
@@ -65,6 +68,7 @@ class ReferenceBilevel:
             param.copy_(value)
         if direction is None:
             self._masters = None
+        return scale
 
     def inner_learning_rate(self) -> float:
         return self.scheduler.get_lr(Level.INNER)
@@ -102,12 +106,11 @@ class ReferenceBilevel:
         self._apply({Level.INNER: inner, Level.OUTER: [-g for g in outer]})
         with torch.no_grad():
             layers = auxiliary_layers(self.model)
-            norm = float(sum(layer.auxiliary_sq_norm() for layer in layers)) ** 0.5
+            norm = torch.stack([layer.auxiliary_sq_norm() for layer in layers]).sum().sqrt()
             factor = clip_factor(norm, self.run.adapter.rho)
-            if factor != 1.0:
-                for layer in layers:
-                    layer.aux_A.mul_(factor)
-                    layer.aux_B.mul_(factor)
+            for layer in layers:
+                layer.aux_A.mul_(factor)
+                layer.aux_B.mul_(factor)
         return self.losses[Objective.INNER]
 
     @torch.no_grad()
@@ -122,16 +125,22 @@ class ReferenceBilevel:
                 "sharpness": self.sharpness_step}[kind](batch)
 
 
-def run_reference(run: RunConfig, global_batch: int) -> dict[str, torch.Tensor]:
+def run_reference(run: RunConfig, global_batch: int, micro_batch: int | None = None) -> dict[str, torch.Tensor]:
     """Train as ``launch/train.py`` would with a global batch of ``global_batch`` examples,
-    in one process without DeepSpeed; returns the adapters by qualified name (fp32)."""
+    in one process without DeepSpeed; returns the adapters by qualified name (fp32).
+
+    Each pass is one forward over the global batch, or with ``micro_batch`` a sum of
+    gradients over micro-batches of that size: the same maths in another summation order
+    (the tests' measure of fp32 rounding noise)."""
     import dataclasses
 
     from ds_bilevel.levels import named_level_parameters
     from ds_bilevel.recipe import batch_sources, prepare
     from ds_bilevel.schedule import events
 
-    run = dataclasses.replace(run, micro_batch_size=global_batch, gradient_accumulation_steps=1)
+    micro_batch = micro_batch or global_batch
+    run = dataclasses.replace(run, micro_batch_size=micro_batch,
+                              gradient_accumulation_steps=global_batch // micro_batch)
     data = prepare(run)
     model = data.model
     reference = ReferenceBilevel(model, run)

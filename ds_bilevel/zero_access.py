@@ -36,16 +36,23 @@ def set_master_value(param: nn.Parameter, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def scale_master_(param: nn.Parameter, factor: float) -> None:
+def scale_master_(param: nn.Parameter, factor: torch.Tensor | float) -> None:
     """Multiply this rank's share of the fp32 master by ``factor``: no communication. Where
     there is no separate master (fp32 without ZeRO), the compute weight is the master: the
     caller scales it."""
     if hasattr(param, "ds_id"):
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param) * factor)
+        master = safe_get_local_fp32_param(param)
+        safe_set_local_fp32_param(param, master * _on(factor, master))
     elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16: a view of the flat partition
-        param._hp_mapping.get_hp_fragment().mul_(factor)
+        fragment = param._hp_mapping.get_hp_fragment()
+        fragment.mul_(_on(factor, fragment))
+
+
+def _on(factor: torch.Tensor | float, tensor: torch.Tensor) -> torch.Tensor | float:
+    """``factor`` where ``tensor`` lives (an offloaded master is on the host)."""
+    return factor.to(tensor.device) if isinstance(factor, torch.Tensor) else factor
 
 
 def _gathered_now(param: nn.Parameter) -> bool:
@@ -77,7 +84,7 @@ def write_compute_weight(param: nn.Parameter, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def scale_compute_weight_(param: nn.Parameter, factor: float) -> None:
+def scale_compute_weight_(param: nn.Parameter, factor: torch.Tensor | float) -> None:
     """Multiply the weight the forward uses by ``factor`` in place, no communication: under
     ZeRO-3 this rank's partition and, for a persistent parameter, its gathered copy."""
     if hasattr(param, "ds_id"):

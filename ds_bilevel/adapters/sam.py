@@ -119,7 +119,7 @@ def auxiliary_sq_norm(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scale_auxiliary_(model: nn.Module, factor: float) -> None:
+def scale_auxiliary_(model: nn.Module, factor: torch.Tensor | float) -> None:
     """Multiply every aux_A and aux_B of ``model`` by ``factor`` in place (module tensors only:
     an engine that keeps fp32 master copies must scale those)."""
     for layer in auxiliary_layers(model):
@@ -127,10 +127,11 @@ def scale_auxiliary_(model: nn.Module, factor: float) -> None:
             scale_compute_weight_(param, factor)
 
 
-def clip_factor(norm: torch.Tensor | float, rho: float) -> float:
-    """sqrt(rho / c) when c > rho, else 1: scaling both factors by it scales each B2 A2 by rho / c."""
-    c = float(norm)
-    return (rho / c) ** 0.5 if c > rho else 1.0
+def clip_factor(norm: torch.Tensor | float, rho: float) -> torch.Tensor:
+    """sqrt(rho / c) when c > rho, else exactly 1, as a tensor on c's device (deciding on the host
+    would wait for the device): scaling both factors by it scales each B2 A2 by rho / c."""
+    norm = torch.as_tensor(norm, dtype=torch.float32)
+    return torch.where(norm > rho, (rho / norm.clamp_min(rho)).sqrt(), torch.ones_like(norm))
 
 
 def clip_auxiliary_(model: nn.Module, rho: float,
@@ -145,7 +146,5 @@ def clip_auxiliary_(model: nn.Module, rho: float,
     if all_reduce is not None:
         sq = all_reduce(sq)
     norm = sq.sqrt()
-    factor = clip_factor(norm, rho)
-    if factor != 1.0:
-        scale_auxiliary_(model, factor)
+    scale_auxiliary_(model, clip_factor(norm, rho))
     return norm
