@@ -39,8 +39,12 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int) -> Path:
-    """DeepSpeed's save_checkpoint (collective), made atomic as the module docstring says."""
+def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
+         manifest_extra: dict | None = None) -> Path:
+    """DeepSpeed's save_checkpoint (collective), made atomic as the module docstring says.
+
+    ``manifest_extra`` goes into the manifest too: small facts the launcher checks before any
+    process group starts (the schedule the checkpoint was saved in, ``check_schedule``)."""
     import deepspeed.comm as dist
 
     folder = output_dir / CHECKPOINT_DIR
@@ -52,7 +56,7 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int)
                            exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
     if rank == 0:
         files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
-        write_atomically(partial / MANIFEST, json.dumps({"tag": tag_name, "files": files}))
+        write_atomically(partial / MANIFEST, json.dumps({"tag": tag_name, "files": files, **(manifest_extra or {})}))
         if final.exists():  # the same step saved again (a resume from an older checkpoint)
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -79,6 +83,43 @@ def verify(folder: Path) -> None:
                              f"expected {size}); resume from an earlier checkpoint")
         if path.suffix == ".pt" and not zipfile.is_zipfile(path):
             raise ValueError(f"resume_from_checkpoint: {path} is not a readable torch file (corrupt)")
+
+
+def schedule_fields(mode: str, run) -> dict:
+    """The settings that decide the schedule (schedule.events), as a checkpoint records them."""
+    bilevel = run.bilevel
+    return {"mode": mode, "max_steps": run.max_steps, "unroll_steps": bilevel.unroll_steps,
+            "outer_steps": bilevel.outer_steps, "retrain_steps": bilevel.retrain_steps}
+
+
+def check_schedule(folder: Path, mode: str, run) -> None:
+    """Refuse to resume the checkpoint in ``folder`` into a schedule that differs from the one it
+    was saved in before its position: the steps already taken must be the new run's first ones.
+
+    A larger max_steps continues a run (its first steps are the same); a smaller one than the
+    checkpoint's step, another method or unroll/outer steps, or a longer bi-level phase in front
+    of a retraining phase already under way would not. Checkpoints written before the manifest
+    held the schedule are not checked."""
+    from ds_bilevel.schedule import events
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    saved, position = manifest.get("schedule"), manifest.get("position")
+    if saved is None or position is None:
+        return
+    wanted = schedule_fields(mode, run)
+    old = list(events(**saved))[:position]
+    new = list(events(**wanted))[:position]
+    if old != new:
+        done = manifest.get("inner_done", "?")
+        changed = ", ".join(f"{key} {saved[key]} -> {wanted[key]}" for key in saved if saved[key] != wanted[key])
+        if isinstance(done, int) and done > saved["max_steps"]:  # inside the retraining phase
+            allowed = (f"the same method, unroll_steps and outer_steps, and max_steps {saved['max_steps']} (the "
+                       f"retraining phase had begun; a larger bilevel.retrain_steps trains further)")
+        else:
+            allowed = (f"the same method, unroll_steps and outer_steps, and max_steps >= {done} "
+                       f"(a larger one trains further)")
+        raise ValueError(f"resume_from_checkpoint: {folder} holds {done} steps of a run whose schedule this run "
+                         f"would not follow ({changed}); allowed: {allowed}")
 
 
 def tag(inner_steps: int) -> str:

@@ -66,10 +66,11 @@ class RunConfig:
     """Passed to transformers when loading a model folder; off unless you trust the folder."""
     save_steps: int = 0
     """Save a DeepSpeed checkpoint (both levels, optimizers, schedules, data position, RNG)
-    every N inner steps into output_dir/checkpoints (0: none)."""
+    every N inner steps and at the last step into output_dir/checkpoints (0: none)."""
     resume_from_checkpoint: str = ""
     """"latest" (output_dir/checkpoints) or a checkpoint folder to resume from; the run then
-    ends exactly where an uninterrupted one would."""
+    ends exactly where an uninterrupted one would (a finished run resumed with a larger
+    max_steps trains further, its learning rate scheduled over the new max_steps)."""
     checksum_base: bool = False
     """Write a sha256 of the frozen base weights into summary.json (proves they never moved)."""
     collective_timeout_s: int = 1800

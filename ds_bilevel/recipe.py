@@ -199,7 +199,8 @@ class TrainingRecipe:
             "position": 0, "inner_done": 0, "before": self._evaluate(0), "first_loss": None, "outer_loss": None}
         progress = tqdm(total=total, initial=state["inner_done"], desc=f"train {run.adapter.method}",
                         disable=self.rank != 0, dynamic_ncols=True)
-        tokens_seen, start, loss = 0, time.perf_counter(), None
+        # A run resumed from its last checkpoint may have no step left: it reports the saved loss.
+        tokens_seen, start, loss = 0, time.perf_counter(), state.get("last_loss")
         for position in range(state["position"], len(schedule)):
             kind, index = schedule[position]
             if kind == "retrain" and index == 0:
@@ -257,14 +258,26 @@ class TrainingRecipe:
         self._check_finite()
         client = {**state, "scheduler": self.engine.scheduler.state_dict(), "rng": checkpoint.rng_state(),
                   "nonfinite": [self.engine.nonfinite_steps, self.engine.nonfinite_in_a_row]}
+        # The manifest records the schedule, so that a resume into another one is refused before launch.
+        schedule = {"schedule": checkpoint.schedule_fields(self.engine.mode, self.run),
+                    "position": state["position"], "inner_done": state["inner_done"]}
         checkpoint.save(self.engine.engine, self.output_dir, checkpoint.tag(state["inner_done"]),
-                        {"ds_bilevel": client}, self.rank)
+                        {"ds_bilevel": client}, self.rank, manifest_extra=schedule)
 
     def _resume(self) -> dict:
         load_dir, tag = checkpoint.resolve(self.run.resume_from_checkpoint, self.output_dir)
         _, client = self.engine.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False)
         state = client["ds_bilevel"]
-        self.engine.scheduler.load_state_dict(state.pop("scheduler"))
+        scheduler = state.pop("scheduler")
+        # The steps taken come from the checkpoint, the schedule's lengths from this run: a run
+        # resumed with a larger max_steps decays its learning rate over the new length (as HF
+        # Trainer does) instead of staying at the old schedule's end (0 for linear decay).
+        # Unchanged settings give the saved lengths back exactly (launch/train.py refuses a
+        # resume into a schedule whose first steps differ, checkpoint.check_schedule).
+        totals = dict(self.engine.scheduler.totals)
+        if state["inner_done"] > self.run.max_steps:  # inside the retraining phase: its own schedule
+            totals[Level.INNER.value] = self.run.bilevel.retrain_steps
+        self.engine.scheduler.load_state_dict({**scheduler, "totals": totals})
         self.engine.nonfinite_steps, self.engine.nonfinite_in_a_row = state.pop("nonfinite")
         checkpoint.set_rng_state(state.pop("rng"))
         return state

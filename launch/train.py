@@ -37,9 +37,11 @@ def check_output_dir(run: RunConfig) -> None:
         raise ValueError(f"output_dir: {out} is not empty; choose another, resume with "
                          f"--resume_from_checkpoint latest, or pass --overwrite_output_dir true")
     if run.resume_from_checkpoint:
-        from ds_bilevel.checkpoint import resolve
+        from ds_bilevel.checkpoint import check_schedule, resolve
+        from ds_bilevel.validation import training_mode
 
-        resolve(run.resume_from_checkpoint, out)
+        folder, tag = resolve(run.resume_from_checkpoint, out)
+        check_schedule(folder / tag, training_mode(run), run)
 
 
 def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:

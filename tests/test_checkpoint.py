@@ -31,12 +31,13 @@ def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_ste
     result = launch([*common, "--output_dir", str(full), "--save_steps", str(save_steps)])
     assert result.returncode == 0, result.stderr[-3000:]
     total = run_summary(full)["steps"]
-    last = save_steps * ((total - 1) // save_steps)  # none at the last step
-    assert (full / "checkpoints" / "latest").read_text().strip() == f"step{last}"
+    last = save_steps * ((total - 1) // save_steps)  # the last checkpoint before the run's end
+    assert (full / "checkpoints" / "latest").read_text().strip() == f"step{total}"  # the end is saved too
 
-    # A second run folder holding only the step-3 checkpoint, resumed with "latest".
+    # A second run folder holding only the step-`last` checkpoint, resumed with "latest".
     resumed = tmp_path / "resumed"
-    shutil.copytree(full / "checkpoints", resumed / "checkpoints")
+    shutil.copytree(full / "checkpoints" / f"step{last}", resumed / "checkpoints" / f"step{last}")
+    (resumed / "checkpoints" / "latest").write_text(f"step{last}")
     assert resolve("latest", resumed) == (resumed / "checkpoints", f"step{last}")
     result = launch([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,6 +49,32 @@ def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_ste
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == list(range(last + 1, total + 1))
     assert run_summary(resumed)["eval_loss_before"] == run_summary(full)["eval_loss_before"]
+
+
+def test_a_finished_run_is_saved_and_resumes_with_more_steps(tmp_path):
+    """--save_steps 4 --max_steps 4 saves the step that ends the run; resumed with --max_steps 8 the
+    run trains steps 5 to 8 from it, its learning rate decaying over the 8 steps (issue 12, item 3)."""
+    out = tmp_path / "run"
+    common = ["--method", "lora", "--model_name_or_path", "builtin:micro-llama", "--data.train_size", "32",
+              "--data.eval_size", "8", "--micro_batch_size", "2", "--learning_rate", "1e-2", "--warmup_ratio", "0",
+              "--log_steps", "1", "--eval_steps", "0", "--output_dir", str(out)]
+    result = launch([*common, "--max_steps", "4", "--save_steps", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step4"
+    after_four = load_file(out / "adapter_model.safetensors")
+
+    result = launch([*common, "--max_steps", "8", "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in trained] == list(range(1, 9))  # steps 1-4, then 5-8 appended
+    # linear decay over 8 steps from 1e-2: step k (1-based) ran at 1e-2 (1 - (k - 1) / 8), and logs the next one's
+    assert [round(r["lr"], 8) for r in trained[4:]] == [round(1e-2 * (1 - k / 8), 8) for k in range(5, 9)]
+    after_eight = load_file(out / "adapter_model.safetensors")
+    moved = sum((after_eight[n] - after_four[n]).norm() ** 2 for n in after_four) ** 0.5
+    assert moved > 1e-3 * sum(t.norm() ** 2 for t in after_four.values()) ** 0.5
+    assert run_summary(out)["steps"] == 8
+    assert (out / "checkpoints" / "latest").read_text() == "step4"  # no save_steps this time: none written
 
 
 def test_resume_from_a_missing_checkpoint_is_refused(tmp_path):

@@ -30,7 +30,7 @@ def adapters(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
-    """(ds config, run folder) of a run that saved at steps 2 and 4 and was never stopped."""
+    """(ds config, run folder) of a run that saved at steps 2, 4 and 6 (its end) and was never stopped."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     config = write_ds_config(folder, 2, bf16=False)
     result = launch(["--ds_config", str(config), *RESUMABLE, "--output_dir", str(folder / "run")])
@@ -55,7 +55,8 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, unin
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = adapters(reference), adapters(out)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
-    assert (checkpoints / "latest").read_text() == "step4" and not (checkpoints / "step4.partial").exists()
+    assert not (checkpoints / "step4.partial").exists() and (checkpoints / "step4").is_dir()
+    assert (checkpoints / "latest").read_text() == "step6"  # the step that ends the run is saved too
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
@@ -106,14 +107,14 @@ def test_damaged_checkpoint_is_refused_before_launch(tmp_path, uninterrupted, da
     config, reference = uninterrupted
     out = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")
-    step4 = out / "checkpoints" / "step4"
+    newest = out / "checkpoints" / "step6"  # what "latest" names: the run's last step
     if damage == "truncated":
-        victim = sorted(step4.glob("*optim_states.pt"))[0]
+        victim = sorted(newest.glob("*optim_states.pt"))[0]
         victim.write_bytes(victim.read_bytes()[:1000])
         expected = f"error: resume_from_checkpoint: {victim} is truncated or missing (1000 bytes, expected"
     else:
-        (step4 / "ds_bilevel_manifest.json").unlink()
-        expected = f"error: resume_from_checkpoint: {step4} is incomplete"
+        (newest / "ds_bilevel_manifest.json").unlink()
+        expected = f"error: resume_from_checkpoint: {newest} is incomplete"
     before = sorted(p.name for p in out.rglob("*"))
     result = refused_resume(out, config)
     assert result.returncode == 2

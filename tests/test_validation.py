@@ -184,3 +184,51 @@ def test_launcher_resume_with_bad_data_leaves_the_run_folder_identical(tmp_path)
     assert len(errors) == 2 and errors[0].startswith("error: data.prompt_field: 'prompt' is not a field of"), errors
     assert "its fields are ['question', 'response']" in errors[0]
     assert folder_digest(out) == before
+
+
+def saved_run(tmp_path, schedule: dict, position: int, inner_done: int):
+    """An output folder whose latest checkpoint's manifest records the schedule it was saved in."""
+    out = tmp_path / "run"
+    tag = f"step{inner_done}"
+    (out / "checkpoints" / tag).mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text(tag)
+    manifest = {"tag": tag, "files": {}, "schedule": schedule, "position": position, "inner_done": inner_done}
+    (out / "checkpoints" / tag / "ds_bilevel_manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+LORA_4 = {"mode": "one_level", "max_steps": 4, "unroll_steps": 1, "outer_steps": 1, "retrain_steps": 0}
+# 4 bi-level inner steps (each with an outer step: 8 events), then 1 of 2 retraining steps
+BIDORA_RETRAIN = {"mode": "bilevel", "max_steps": 4, "unroll_steps": 1, "outer_steps": 1, "retrain_steps": 2}
+
+
+@pytest.mark.parametrize(("saved", "position", "done", "argv", "message"), [
+    (LORA_4, 4, 4, ["--max_steps", "3"], "(max_steps 4 -> 3); allowed: the same method, unroll_steps and "
+     "outer_steps, and max_steps >= 4"),
+    (LORA_4, 4, 4, ["--method", "bidora", "--max_steps", "8"], "(mode one_level -> bilevel, max_steps 4 -> 8)"),
+    (BIDORA_RETRAIN, 9, 5, ["--method", "bidora", "--max_steps", "6", "--bilevel.retrain_steps", "2"],
+     "(max_steps 4 -> 6); allowed: the same method, unroll_steps and outer_steps, and max_steps 4 (the "
+     "retraining phase had begun"),
+], ids=["fewer-steps", "other-method", "longer-bilevel-phase-in-retraining"])
+def test_resume_into_another_schedule_is_refused(train_main, tmp_path, capsys, saved, position, done, argv, message):
+    out = saved_run(tmp_path, saved, position, done)
+    before = folder_digest(out)
+    assert train_main([*argv, "--resume_from_checkpoint", "latest", "--output_dir", str(out)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: resume_from_checkpoint: ") and message in lines[0], lines
+    assert folder_digest(out) == before
+
+
+@pytest.mark.parametrize(("saved", "position", "done", "argv"), [
+    (LORA_4, 4, 4, ["--max_steps", "8"]),  # a finished run, trained further
+    (BIDORA_RETRAIN, 9, 5, ["--method", "bidora", "--max_steps", "4", "--bilevel.retrain_steps", "5"]),
+])
+def test_resume_with_more_steps_passes_the_schedule_check(tmp_path, saved, position, done, argv):
+    from ds_bilevel.checkpoint import check_schedule
+    from ds_bilevel.config import load_config
+    from ds_bilevel.validation import training_mode
+
+    out = saved_run(tmp_path, saved, position, done)
+    run = load_config([*argv, "--output_dir", str(out)])
+    check_schedule(out / "checkpoints" / f"step{done}", training_mode(run), run)  # no error
+
