@@ -1,6 +1,8 @@
 """Typed run settings: one dataclass tree, read from YAML then the command line, validated here.
 
-Precedence: dataclass defaults < ``--config run.yaml`` < command-line flags. Nested
+Precedence: dataclass defaults < the DeepSpeed JSON's concrete values (micro batch,
+accumulation, clipping: taken by ``ds_config.settings_from_ds_config``) < ``--config run.yaml``
+< command-line flags; ``RunConfig.sources`` records where each given setting came from. Nested
 sections are addressed with a dot on the command line (``--adapter.rank 16``) and as
 mappings in YAML (``adapter: {rank: 16}``). Unknown keys are rejected with the list
 of valid ones.
@@ -33,7 +35,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     """Where the run writes its adapters, metrics and summary."""
     ds_config: str = "ds_configs/cpu_zero2.json"
-    """DeepSpeed JSON config; its "auto" values are filled from these settings."""
+    """DeepSpeed JSON config; its "auto" values are filled from these settings, and its concrete
+    batch sizes and clipping fill those not given as a flag or in the YAML (a conflict is refused)."""
     max_steps: int = 300
     """Inner optimizer steps to train (one step = one global batch; bi-level methods add outer steps)."""
     seed: int = 0
@@ -82,6 +85,10 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     bilevel: BilevelConfig = field(default_factory=BilevelConfig)
+    # Not a setting: where each given setting came from ({"micro_batch_size": "the command line",
+    # ...}), so that a DeepSpeed JSON value fills only what was not given and a conflict names
+    # both sides. None (a RunConfig built in code): every setting counts as given.
+    sources: typing.ClassVar[dict[str, str] | None] = None
 
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * world_size
@@ -191,11 +198,14 @@ def load_config(argv: list[str] | None = None) -> RunConfig:
     """Defaults < YAML < command line; then validate. Raises ValueError on any bad setting."""
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
-    values = {}
+    values, sources = {}, {}
     if "config" in args:
-        values.update(read_yaml(args.pop("config")))
+        path = args.pop("config")
+        values.update(read_yaml(path))
+        sources.update(dict.fromkeys(values, f"the config file {path}"))
     values.update(args)
-    return config_from_flat(values)
+    sources.update(dict.fromkeys(args, "the command line"))
+    return config_from_flat(values, sources)
 
 
 def read_yaml(path: str) -> dict:
@@ -209,7 +219,9 @@ def read_yaml(path: str) -> dict:
     return {ALIASES.get(k, k): v for k, v in _flatten(loaded).items()}
 
 
-def config_from_flat(values: dict) -> RunConfig:
+def config_from_flat(values: dict, sources: dict[str, str] | None = None) -> RunConfig:
+    """A validated RunConfig from {flat key: value}; ``sources`` says where each came from
+    (default: "the settings given"), recorded in ``RunConfig.sources``."""
     types = flat_field_types()
     unknown = sorted(set(values) - set(types))
     if unknown:
@@ -219,6 +231,7 @@ def config_from_flat(values: dict) -> RunConfig:
         section, _, leaf = key.rpartition(".")
         target = getattr(config, section) if section else config
         setattr(target, leaf, _check_type(key, value, types[key]))
+    config.sources = {key: (sources or {}).get(key, "the settings given") for key in values}
     config.validate()
     return config
 

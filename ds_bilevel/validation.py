@@ -6,7 +6,8 @@ nothing (datasets caches under ~/.cache, never under ``output_dir``). Per-field 
 with their settings (``RunConfig.validate`` and the sections' ``validate``); this module holds
 what needs several settings, the DeepSpeed config, the model's shapes or the data:
 
-- the DeepSpeed config: JSON objects where DeepSpeed wants them, no "auto" left that
+- the DeepSpeed config: JSON objects where DeepSpeed wants them, its batch and clipping values
+  taken where no flag or YAML set them and refused where one set another value, no "auto" left that
   ds_bilevel does not fill, offload only at the ZeRO stages DeepSpeed supports it at;
 - the schedule: a bi-level run reaches an outer step, options only read by another method
   or format are not given;
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ds_bilevel.builtin.model import is_builtin
 from ds_bilevel.config import RunConfig
-from ds_bilevel.ds_config import fill_ds_config, read_ds_config, zero_stage
+from ds_bilevel.ds_config import fill_ds_config, read_ds_config, settings_from_ds_config, zero_stage
 
 OBJECT_SECTIONS = ("zero_optimization", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -36,8 +37,9 @@ FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping", "tensorboard.output_path", "csv_monitor.output_path")
 
 
-def checked_ds_config(run: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config, read, filled from the run and checked as a whole."""
+def checked_ds_config(run: RunConfig, world_size: int) -> tuple[RunConfig, dict]:
+    """(the run with the DeepSpeed config's values for what it did not set, the DeepSpeed config
+    read, filled from that run and checked as a whole). Precedence: ds_config.py's docstring."""
     raw = read_ds_config(run.ds_config)
     if not isinstance(raw, dict):
         raise ValueError(f"ds_config: {run.ds_config} holds {json.dumps(raw)[:60]}; allowed: a JSON object")
@@ -49,6 +51,7 @@ def checked_ds_config(run: RunConfig, world_size: int) -> dict:
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"ds_config: {name} = {json.dumps(value)}; allowed: a JSON object "
                              f"such as {{\"enabled\": true}} or {{\"stage\": 2}}")
+    run = settings_from_ds_config(raw, run, world_size)
     filled = fill_ds_config(raw, run, world_size)
     for key, value in _leaves(filled):
         if value == "auto" and key not in FILLED_KEYS:
@@ -68,7 +71,7 @@ def checked_ds_config(run: RunConfig, world_size: int) -> dict:
         if given == device == "nvme" and not offload.get("nvme_path"):
             raise ValueError(f"ds_config: zero_optimization.{section}.nvme_path is missing; allowed: "
                              f"a local NVMe folder when the device is nvme")
-    return filled
+    return run, filled
 
 
 def _leaves(tree: dict, prefix: str = ""):

@@ -48,7 +48,7 @@ def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
     """Every check of ds_bilevel/validation.py, before any process group starts; writes nothing."""
     run = load_config(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = checked_ds_config(run, world_size)
+    run, ds_config = checked_ds_config(run, world_size)  # the JSON's values for what no flag or YAML set
     check_output_dir(run)
     check_run(run, world_size)
     return run, ds_config

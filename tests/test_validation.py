@@ -103,8 +103,13 @@ CASES = [
     ("label-without-name", "data.label_names",
      lambda t: [*MICRO, "--dataset", write(t / "c.csv", "text,label\n" + "t,2\n" * 30), "--data.format",
                 "classification", "--data.label_names", "no,yes"]),
-    ("ds-train-batch-size", "ds_config", lambda t: ["--ds_config", ds_config(t / "c.json", train_batch_size=64)]),
+    ("ds-train-batch-size", "ds_config", lambda t: ["--ds_config", ds_config(t / "c.json", train_batch_size=64),
+                                                    "--micro_batch_size", "8", "--gradient_accumulation_steps", "2"]),
     ("ds-fp16-and-bf16", "ds_config", lambda t: ["--ds_config", ds_config(t / "c.json", fp16__enabled=True)]),
+    ("ds-fp16", "ds_config",
+     lambda t: ["--ds_config", ds_config(t / "c.json", fp16__enabled=True, bf16__enabled=False)]),
+    ("ds-micro-batch-not-int", "ds_config",
+     lambda t: ["--ds_config", ds_config(t / "c.json", train_micro_batch_size_per_gpu=2.5)]),
     ("ds-offload-stage-0", "ds_config", lambda t: ["--ds_config", ds_config(
         t / "c.json", zero_optimization__stage=0, zero_optimization__offload_optimizer={"device": "cpu"})]),
     ("ds-offload-param-stage-2", "ds_config", lambda t: ["--ds_config", ds_config(
@@ -232,3 +237,98 @@ def test_resume_with_more_steps_passes_the_schedule_check(tmp_path, saved, posit
     run = load_config([*argv, "--output_dir", str(out)])
     check_schedule(out / "checkpoints" / f"step{done}", training_mode(run), run)  # no error
 
+
+# ---- the DeepSpeed JSON's own values (precedence: flag > YAML > JSON > default) ------------------
+class Handed(Exception):
+    """Raised instead of training: carries what launch/train.py handed to the recipe."""
+
+
+@pytest.fixture()
+def handed(monkeypatch):
+    def capture(run, ds):
+        raise Handed(run, ds)
+
+    monkeypatch.setattr("ds_bilevel.recipe.TrainingRecipe", capture)
+
+
+def yaml_file(tmp_path, text: str) -> list[str]:
+    return ["--config", write(tmp_path / "run.yaml", text)]
+
+
+# (id, JSON values, other argv, world size, expected (micro_batch_size, gradient_accumulation_steps, max_grad_norm))
+TAKEN = [
+    ("micro", {"train_micro_batch_size_per_gpu": 2}, [], 1, (2, 2, 1.0)),
+    ("accumulation", {"gradient_accumulation_steps": 4}, [], 1, (8, 4, 1.0)),
+    ("clipping", {"gradient_clipping": 0.25}, [], 1, (8, 2, 0.25)),
+    ("clipping-off", {"gradient_clipping": 0}, [], 1, (8, 2, 0.0)),
+    ("micro-and-global", {"train_micro_batch_size_per_gpu": 3, "train_batch_size": 12}, [], 2, (3, 2, 1.0)),
+    ("accumulation-and-global", {"gradient_accumulation_steps": 3, "train_batch_size": 12}, [], 2, (2, 3, 1.0)),
+    ("global-only", {"train_batch_size": 12}, [], 2, (6, 1, 1.0)),  # DeepSpeed's reading: accumulation 1
+    ("global-and-flag", {"train_batch_size": 16}, ["--micro_batch_size", "2"], 2, (2, 4, 1.0)),
+    ("flag-agrees", {"train_micro_batch_size_per_gpu": 2}, ["--micro_batch_size", "2"], 1, (2, 2, 1.0)),
+    ("json-fills-what-yaml-leaves", {"gradient_accumulation_steps": 4, "gradient_clipping": 0.5},
+     "micro_batch_size: 2\nmax_grad_norm: 0.5\n", 1, (2, 4, 0.5)),
+]
+
+
+@pytest.mark.parametrize(("changes", "argv", "world", "expected"), [c[1:] for c in TAKEN], ids=[c[0] for c in TAKEN])
+def test_ds_config_values_are_taken(train_main, handed, tmp_path, monkeypatch, changes, argv, world, expected):
+    """A value the JSON sets and no flag or YAML does is the run's: in the settings handed to the
+    recipe (which writes them to run_config.json) and in the filled DeepSpeed config."""
+    from ds_bilevel.config import config_to_dict
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = yaml_file(tmp_path, argv) if isinstance(argv, str) else argv
+    with pytest.raises(Handed) as caught:
+        train_main(["--ds_config", ds_config(tmp_path / "c.json", **changes), *argv,
+                    "--output_dir", str(tmp_path / "out")])
+    run, filled = caught.value.args
+    micro, accumulation, clipping = expected
+    saved = config_to_dict(run)  # what recipe.setup writes to run_config.json
+    assert (saved["micro_batch_size"], saved["gradient_accumulation_steps"], saved["max_grad_norm"]) == expected
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["gradient_clipping"]) == expected
+    assert filled["train_batch_size"] == micro * accumulation * world
+
+
+# (id, JSON values, other argv (a str: YAML), world size, what the line must hold, in order)
+CONFLICTS = [
+    ("micro-flag", {"train_micro_batch_size_per_gpu": 2}, ["--micro_batch_size", "4"], 1,
+     ["train_micro_batch_size_per_gpu = 2 in ", "disagrees with micro_batch_size = 4 from the command line"]),
+    ("accumulation-yaml", {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 3\n", 1,
+     ["gradient_accumulation_steps = 4 in ", "disagrees with gradient_accumulation_steps = 3 from the config file "]),
+    ("clipping-flag", {"gradient_clipping": 0.5}, ["--max_grad_norm", "2"], 1,
+     ["gradient_clipping = 0.5 in ", "disagrees with max_grad_norm = 2.0 from the command line"]),
+    ("inconsistent-triple", {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2,
+                             "gradient_accumulation_steps": 2}, [], 2,
+     ["train_batch_size = 12 in ", "disagrees with micro_batch_size 2 (from the DeepSpeed config's "
+      "train_micro_batch_size_per_gpu) x gradient_accumulation_steps 2 (from the DeepSpeed config's "
+      "gradient_accumulation_steps) x 2 rank(s) = 8"]),
+    ("global-against-flags", {"train_batch_size": 12}, ["--micro_batch_size", "4", "--gradient_accumulation_steps",
+                                                        "2"], 1,
+     ["train_batch_size = 12 in ", "micro_batch_size 4 (from the command line) x gradient_accumulation_steps 2 "
+      "(from the command line) x 1 rank(s) = 8"]),
+    ("global-not-a-multiple", {"train_batch_size": 12}, ["--micro_batch_size", "5"], 1,
+     ["train_batch_size = 12 in ", "is not a multiple of micro_batch_size 5 x 1 rank(s)"]),
+    ("fp16", {"fp16": {"enabled": True}, "bf16": {"enabled": False}}, [], 1,
+     ["fp16.enabled = true; fp16 is not supported: its dynamic loss scale", "allowed: bf16"]),
+    ("scheduler", {"scheduler": {"type": "WarmupLR"}}, [], 1,
+     ["the 'scheduler' section is not supported (", "set --lr_scheduler (linear, cosine, constant), --warmup_ratio"]),
+]
+
+
+@pytest.mark.parametrize(("changes", "argv", "world", "parts"), [c[1:] for c in CONFLICTS],
+                         ids=[c[0] for c in CONFLICTS])
+def test_ds_config_conflicts_are_one_line_naming_both(train_main, tmp_path, capsys, monkeypatch, changes, argv,
+                                                      world, parts):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = yaml_file(tmp_path, argv) if isinstance(argv, str) else argv
+    out = tmp_path / "out"
+    code = train_main(["--ds_config", ds_config(tmp_path / "c.json", **changes), *argv, "--output_dir", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ds_config: "), lines
+    position = 0
+    for part in parts:
+        assert part in lines[0][position:], (part, lines[0])
+        position = lines[0].index(part, position) + len(part)
+    assert not out.exists()
