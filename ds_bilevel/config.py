@@ -57,6 +57,11 @@ class RunConfig:
     """Global gradient-norm clipping (0 turns it off); fills DeepSpeed's gradient_clipping."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (transformers' gradient checkpointing, non-reentrant)."""
+    use_liger_kernel: bool = False
+    """Liger Kernel's Triton RMSNorm, RoPE and SwiGLU on a LLaMA/Mistral/Qwen2 model (the name HF
+    Trainer uses); needs a CUDA GPU and `pip install ".[gpu]"` (ds_bilevel/kernels.py)."""
+    torch_compile: bool = False
+    """torch.compile each decoder layer (regional compilation); CUDA GPU only (ds_bilevel/kernels.py)."""
     eval_steps: int = 50
     """Evaluate every N inner steps, besides before and after training (0: only those two)."""
     eval_batch_size: int = 32
@@ -108,6 +113,9 @@ class RunConfig:
         for name in ("weight_decay", "max_grad_norm", "eval_steps", "save_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0")
+        for name in ("use_liger_kernel", "torch_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -215,9 +215,33 @@ def check_data(run: RunConfig, world_size: int) -> None:
                              f"per step exceeds the {size} of {name}; allowed: a global batch of at most {size}")
 
 
+def check_kernels(run: RunConfig) -> None:
+    """use_liger_kernel and torch_compile only where they can run (kernels.unsupported: a CUDA
+    GPU, Liger installed, a family Liger is applied to)."""
+    from ds_bilevel.kernels import unsupported
+
+    for setting in ("use_liger_kernel", "torch_compile"):
+        if getattr(run, setting):
+            reason = unsupported(setting, _model_type(run) if setting == "use_liger_kernel" else None)
+            if reason:
+                raise ValueError(f"{setting}: true, but {reason}; allowed: false")
+
+
+def _model_type(run: RunConfig) -> str:
+    from ds_bilevel.builtin.model import is_builtin_encoder
+
+    name = run.model_name_or_path
+    if is_builtin(name):
+        return "roberta" if is_builtin_encoder(name) else "llama"
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, trust_remote_code=run.trust_remote_code).model_type
+
+
 def check_run(run: RunConfig, world_size: int) -> None:
     """Everything but the DeepSpeed config, cheapest first."""
     check_schedule(run)
+    check_kernels(run)
     check_model(run)
     check_tokenizer(run)
     check_data(run, world_size)

@@ -332,3 +332,38 @@ def test_ds_config_conflicts_are_one_line_naming_both(train_main, tmp_path, caps
         assert part in lines[0][position:], (part, lines[0])
         position = lines[0].index(part, position) + len(part)
     assert not out.exists()
+
+
+# ---- use_liger_kernel / torch_compile (issue 13 item 4): refused where they cannot run ----------
+KERNEL_REFUSALS = [
+    ("liger-cpu", ["--use_liger_kernel", "true"], "use_liger_kernel: true, but Liger Kernel's Triton kernels need a "
+     "CUDA GPU (DS_ACCELERATOR=cpu is not a CUDA device); allowed: false"),
+    ("compile-cpu", ["--torch_compile", "true"], "torch_compile: true, but compiled layers are supported on a CUDA "
+     "GPU only (DS_ACCELERATOR=cpu is not a CUDA device); allowed: false"),
+    ("liger-encoder", ["--use_liger_kernel", "true", "--model_name_or_path", "builtin:tiny-roberta",
+                       "--data.format", "classification"],
+     "use_liger_kernel: true, but Liger Kernel is applied to the llama/mistral/qwen2 families only, not to "
+     "model_type 'roberta'; allowed: false"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [c[1:] for c in KERNEL_REFUSALS], ids=[c[0] for c in KERNEL_REFUSALS])
+def test_kernel_settings_are_refused_where_they_cannot_run(train_main, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "out"
+    code = train_main([*argv, "--output_dir", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and lines == [f"error: {message}"], lines
+    assert not out.exists()
+
+
+def test_liger_not_installed_is_refused(train_main, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ds_bilevel.kernels._cuda_device", lambda: None)  # a GPU, but no liger-kernel
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    out = tmp_path / "out"
+    code = train_main(["--use_liger_kernel", "true", "--output_dir", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and lines == ['error: use_liger_kernel: true, but liger-kernel is not installed '
+                                   '(pip install ".[gpu]"); allowed: false'], lines
