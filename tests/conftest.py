@@ -23,19 +23,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
-def invariance_runs(tmp_path_factory):
-    """tests/scripts/invariance.py through the launcher, once per world size per session:
-    run folders OUT/<case>/<stage>/ of every method at every ZeRO stage (fp32). Used by the
+def invariance_matrix(tmp_path_factory):
+    """tests/scripts/invariance.py through the launcher, once per session (one launch per world
+    size): a run folder OUT/<row name>/ for every row of the invariance matrix. Used by the
     engine's invariance test and by the export test."""
     from launch_helpers import run_script
 
-    done = {}
-
-    def runs(num_ranks: int):
-        if num_ranks not in done:
-            out = tmp_path_factory.mktemp(f"invariance-{num_ranks}-ranks")
-            run_script("invariance.py", out, num_ranks)
-            done[num_ranks] = out
-        return done[num_ranks]
-
-    return runs
+    out = tmp_path_factory.mktemp("invariance")
+    for num_ranks in (1, 2):
+        run_script("invariance.py", out, num_ranks)
+    return out

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,16 +13,27 @@ import torch
 from launch_helpers import REPO, cpu_env, free_port, launch, start_two_nodes, write_ds_config
 from safetensors.torch import load_file
 
+from ds_bilevel.config import load_config
+from ds_bilevel.reference import run_reference
+
 pytestmark = pytest.mark.launcher
 
 ARGS = ["--method", "bidora", "--hypergrad", "darts", "--max_steps", "4", "--model_name_or_path",
-        "builtin:micro-llama", "--data.train_size", "64", "--data.eval_size", "8", "--micro_batch_size", "2"]
+        "builtin:micro-llama", "--data.train_size", "64", "--data.eval_size", "8", "--micro_batch_size", "2",
+        "--gradient_accumulation_steps", "1"]
 
 
-def test_two_node_run_matches_single_node(tmp_path):
-    config = write_ds_config(tmp_path, 3, bf16=False)
+def test_two_node_darts_at_zero3_matches_one_rank(tmp_path):
+    """Two "nodes" (one launcher each, loopback) of BiDoRA darts at ZeRO-3 with DeepSpeed's default
+    persistence threshold and accumulation 1 (issue 12's configuration) end where one rank ends
+    with the same global batch, and far from first_order, which a lost second-order term gives."""
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                  "gradient_accumulation_steps": "auto", "bf16": {"enabled": False},
+                                  "zero_optimization": {"stage": 3}}))
     single = tmp_path / "single"
-    result = launch(["--ds_config", str(config), *ARGS, "--output_dir", str(single)])
+    result = launch(["--ds_config", str(config), *ARGS, "--micro_batch_size", "4", "--output_dir", str(single)],
+                    num_ranks=1)
     assert result.returncode == 0, result.stderr[-3000:]
 
     multi = tmp_path / "multi"
@@ -31,9 +43,14 @@ def test_two_node_run_matches_single_node(tmp_path):
     assert "world_size\": 2" in outputs[0]
 
     expected, got = load_file(single / "adapter_model.safetensors"), load_file(multi / "adapter_model.safetensors")
+    first_order = run_reference(load_config([*ARGS, "--micro_batch_size", "4", "--hypergrad", "first_order"]), 4)
+    error, gap = rel_diff(got, expected), rel_diff(first_order, expected)
+    assert error < 1e-5 and gap > 100 * 1e-5, (error, gap)
+
+
+def rel_diff(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
     a = torch.cat([expected[k].flatten() for k in expected])
-    b = torch.cat([got[k].flatten() for k in expected])
-    assert ((a - b).norm() / a.norm()).item() < 1e-6  # same world size: only the transport differs
+    return ((torch.cat([got[k].flatten() for k in expected]) - a).norm() / a.norm()).item()
 
 
 def test_accelerate_launch_with_its_deepspeed_plugin(tmp_path):
