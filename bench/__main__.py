@@ -16,6 +16,8 @@ BENCHMARKS = {
     "h200": ("bench.h200:main", "8B-shaped bf16 run on a GPU: tokens/s, MFU, peak memory per method"),
     "memory_estimate": ("bench.memory_estimate:main", "per-GPU memory estimate at LLaMA scale from shapes"),
     "generalisation": ("bench.generalisation:main", "the generalisation study (bi-level vs one-level)"),
+    "perturbation_bf16": ("bench.perturbation_bf16:main",
+                          "J.v error of the central differences with bf16 compute weights, per step rule"),
 }
 
 

@@ -181,21 +181,31 @@ class BilevelEngine:
         grads = full_grads(self.params[Level.INNER] + self.params[Level.OUTER])
         return grads[:inner], grads[inner:]
 
-    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0) -> None:
-        """Set the compute weights of the inner level to master + scale * direction. The fp32
-        masters are never written, so ``None`` restores exactly. The open cycle is closed
-        first (its step rewrites compute weights from the masters), except on restore, which
-        keeps the last pass's gradients for the outer step."""
+    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0):
+        """Set the compute weights of the inner level to master + s * direction and return s: the
+        requested ``scale``, widened under bf16/fp16 compute weights so that the move is not
+        rounded away (hypergrad.problem.applied_scale; fp32 is unchanged). The fp32 masters are
+        never written, so ``None`` restores exactly. The open cycle is closed first (its step
+        rewrites compute weights from the masters), except on restore, which keeps the last
+        pass's gradients for the outer step."""
+        from ds_bilevel.hypergrad.problem import applied_scale
+
         if direction is not None:
             self._close_cycle()
         if self._masters is None:
             self._masters = master_values(self.params[Level.INNER])
-        values = self._masters if direction is None else [
-            master + scale * d.to(master.device) for master, d in zip(self._masters, direction, strict=True)]
+        values = self._masters
+        if direction is not None:
+            direction = [d.to(master.device) for master, d in zip(self._masters, direction, strict=True)]
+            first = self.params[Level.INNER][0]
+            compute_dtype = (first.ds_tensor if hasattr(first, "ds_id") else first).dtype
+            scale = applied_scale(scale, direction, self._masters, compute_dtype)
+            values = [master + scale * d for master, d in zip(self._masters, direction, strict=True)]
         for param, value in zip(self.params[Level.INNER], values, strict=True):
             write_compute_weight(param, value)
         if direction is None:
             self._masters = None
+        return scale
         return scale
 
     def inner_learning_rate(self) -> float:

@@ -59,15 +59,20 @@ class ReferenceBilevel:
         return grads[Level.INNER], grads[Level.OUTER]
 
     @torch.no_grad()
-    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0) -> None:
+    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0):
+        from ds_bilevel.hypergrad.problem import applied_scale
+
         if self._masters is None:
             self._masters = [p.detach().clone() for p in self.params[Level.INNER]]
+        if direction is not None:  # the engine's rule: widened only for 16-bit weights (not in fp32)
+            scale = applied_scale(scale, direction, self._masters, self.params[Level.INNER][0].dtype)
         values = self._masters if direction is None else [
             master + scale * d for master, d in zip(self._masters, direction, strict=True)]
         for param, value in zip(self.params[Level.INNER], values, strict=True):
             param.copy_(value)
         if direction is None:
             self._masters = None
+        return scale
         return scale
 
     def inner_learning_rate(self) -> float:

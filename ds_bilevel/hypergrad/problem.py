@@ -12,6 +12,7 @@ the inner regularisers), L_val the outer objective (on D2, with the outer regula
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Protocol
 
@@ -30,9 +31,10 @@ class BilevelProblem(Protocol):
         """(grad_w, grad_lam) of ``objective`` at the current inner weights, full fp32 tensors,
         reduced over all ranks (every rank gets the same values)."""
 
-    def perturb_inner(self, direction: Tensors | None, scale: float = 0.0) -> None:
-        """Evaluate later gradients at w + scale * direction (w: the unperturbed fp32 weights);
-        ``None`` restores w exactly."""
+    def perturb_inner(self, direction: Tensors | None, scale: float = 0.0) -> float | torch.Tensor | None:
+        """Evaluate later gradients at w + s * direction (w: the unperturbed fp32 weights) and return
+        s: ``scale``, or a larger one of the same sign where the compute weights are too coarse
+        for it (``applied_scale``); None means ``scale``. ``None`` as direction restores w exactly."""
 
     def inner_learning_rate(self) -> float:
         """The inner optimizer's current learning rate (xi of the original DARTS)."""
@@ -49,6 +51,33 @@ def norm(a: Tensors) -> torch.Tensor:
 def axpy(alpha: float | torch.Tensor, x: Tensors, y: Tensors) -> Tensors:
     """alpha * x + y, elementwise over the lists."""
     return [alpha * xi + yi for xi, yi in zip(x, y, strict=True)]
+
+
+# Smallest perturbation radius, relative to the norm of the inner weights, for compute weights
+# of a 16-bit dtype (issue 12 item 7, docs/methods.md). A bf16 weight keeps 8 significant
+# bits: a move below half its spacing (2^-9 |w_i|) rounds back, so with the absolute radius
+# eps the perturbation of a large adapter is mostly rounded away (the J.v error grows with the
+# inner parameter count, bench/perturbation_bf16.py). fp32 and fp64 keep the absolute radius.
+RELATIVE_RADIUS = {torch.bfloat16: 0.1, torch.float16: 0.1}
+
+
+def perturbation_radius(eps: float | torch.Tensor, weights_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The norm of the central-difference perturbation for compute weights of ``dtype``:
+    max(eps, RELATIVE_RADIUS[dtype] * ||w||), and eps for fp32/fp64."""
+    return torch.clamp(RELATIVE_RADIUS.get(dtype, 0.0) * weights_norm, min=eps)
+
+
+def applied_scale(scale: float, direction: Tensors, weights: Tensors, dtype: torch.dtype) -> float | torch.Tensor:
+    """The scale s to apply for a requested ``scale`` along ``direction`` from ``weights`` when the
+    forward computes with ``dtype``: ``scale`` itself for fp32/fp64 (bit for bit today's step),
+    else widened so that the radius |s| ||direction|| is at least RELATIVE_RADIUS[dtype] ||w||.
+    A 0-dim device tensor: no host synchronisation. Every rank holds the same full tensors, so
+    every rank gets the same s."""
+    if dtype not in RELATIVE_RADIUS or scale == 0:
+        return scale
+    direction_norm = norm(direction).clamp_min(1e-30)
+    radius = perturbation_radius(abs(scale) * direction_norm, norm(weights), dtype)
+    return math.copysign(1.0, scale) * radius / direction_norm
 
 
 def _accelerator_rng():
@@ -102,13 +131,16 @@ def second_order_products(problem: BilevelProblem, u: Tensors, eps: float,
     """
     randomness = randomness or SharedRandomness()
     step = eps / max(norm(u).item(), 1e-30)  # u = 0: both passes agree and the products are 0
-    problem.perturb_inner(u, +step)
+    plus = problem.perturb_inner(u, +step)
     randomness.replay()
     grad_w_plus, grad_lam_plus = problem.gradients(Objective.INNER)
-    problem.perturb_inner(u, -step)
+    minus = problem.perturb_inner(u, -step)
     randomness.replay()
     grad_w_minus, grad_lam_minus = problem.gradients(Objective.INNER)
     problem.perturb_inner(None)
-    hvp = [(p - m) / (2 * step) for p, m in zip(grad_w_plus, grad_w_minus, strict=True)]
-    mixed = [(p - m) / (2 * step) for p, m in zip(grad_lam_plus, grad_lam_minus, strict=True)]
+    # The problem may widen the step for 16-bit compute weights (applied_scale): divide by the
+    # distance actually travelled along u.
+    width = (step if plus is None else plus) - (-step if minus is None else minus)
+    hvp = [(p - m) / width for p, m in zip(grad_w_plus, grad_w_minus, strict=True)]
+    mixed = [(p - m) / width for p, m in zip(grad_lam_plus, grad_lam_minus, strict=True)]
     return hvp, mixed
