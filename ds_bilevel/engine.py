@@ -206,7 +206,6 @@ class BilevelEngine:
         if direction is None:
             self._masters = None
         return scale
-        return scale
 
     def inner_learning_rate(self) -> float:
         return self.scheduler.get_lr(Level.INNER)

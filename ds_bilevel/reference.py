@@ -73,7 +73,6 @@ class ReferenceBilevel:
         if direction is None:
             self._masters = None
         return scale
-        return scale
 
     def inner_learning_rate(self) -> float:
         return self.scheduler.get_lr(Level.INNER)
