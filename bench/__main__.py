@@ -13,7 +13,7 @@ BENCHMARKS = {
     "methods": ("bench.methods:main", "cost of every method/hypergradient per inner step vs LoRA, next to its passes"),
     "zero3_scaling": ("bench.zero3_scaling:main", "ZeRO-3 per-rank memory of the frozen base on 1 vs 2 ranks"),
     "scale7b": ("bench.scale7b:main", "the LLaMA-2-7B-shaped BiDoRA darts step under ZeRO-3 on 2 CPU ranks"),
-    "h200": ("bench.h200:main", "8B-shaped bf16 run on a GPU: tokens/s, MFU, peak memory per method"),
+    "gpu": ("bench.gpu:main", "one GPU run: ours vs PEFT, every method, ZeRO-2/3, the 8B shape (--smoke: CPU)"),
     "memory_estimate": ("bench.memory_estimate:main", "per-GPU memory estimate at LLaMA scale from shapes"),
     "generalisation": ("bench.generalisation:main", "the generalisation study (bi-level vs one-level)"),
     "perturbation_bf16": ("bench.perturbation_bf16:main",

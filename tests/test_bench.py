@@ -59,7 +59,7 @@ def test_help_lists_every_benchmark():
     assert result.returncode == 0
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
     assert listed == set(BENCHMARKS)
-    assert {"peer", "methods", "zero3_scaling", "scale7b", "h200", "generalisation", "memory_estimate"} <= listed
+    assert {"peer", "methods", "zero3_scaling", "scale7b", "gpu", "generalisation", "memory_estimate"} <= listed
 
 
 def test_unknown_benchmark_is_refused():

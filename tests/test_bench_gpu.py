@@ -1,0 +1,59 @@
+"""``python -m bench gpu``: the ratios and MFU it derives (no launch), and its CPU smoke run
+(one launch of bench/gpu_worker.py running PEFT and ours in the same ranks, at ZeRO-2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_derived_columns():
+    options = gpu.options_for(["--out", "x", "--peak_tflops", "1000", "--model", "builtin:micro-llama", "--seq", "32"])
+    rows = [
+        {"group": "zero2", "name": "peft lora", "tokens_per_s": 1000.0, "s_per_step": 1.0, "wall_s": 5.0,
+         "peak_memory_gb_per_rank": [2.0]},
+        {"group": "zero2", "name": "lora", "tokens_per_s": 1200.0, "s_per_step": 0.8, "peak_memory_gb_per_rank": [1.9],
+         "wall_s": 5.0},
+        {"group": "zero2", "name": "bidora darts", "tokens_per_s": 300.0, "s_per_step": 3.2,
+         "peak_memory_gb_per_rank": [2.09], "wall_s": 5.0},
+        {"group": "zero3", "name": "lora", "error": "RuntimeError: boom"},
+    ]
+    gpu.derive(rows, options, ranks=1)
+    lora, darts = rows[1], rows[2]
+    assert lora["speed_vs_peft"] == pytest.approx(1.2) and lora["memory_vs_peft"] == pytest.approx(0.95)
+    assert darts["time_vs_lora"] == pytest.approx(4.0) and darts["memory_vs_lora"] == pytest.approx(1.1)
+    assert darts["passes_per_inner_step"] == 4.0 and "speed_vs_peft" not in darts
+    per_token = gpu.flops_per_token("builtin:micro-llama", 32)
+    assert lora["useful_mfu"] == pytest.approx(1200.0 * per_token / 1e15)
+    text = gpu.markdown(rows, [{"group": "zero2", "wall_s": 10.0, "configs": 3}])
+    assert "| zero3 | lora | RuntimeError: boom |" in text and "| zero2 | lora | 1200 | 1.90 |" in text
+
+
+def test_unknown_config_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu.options_for(["--out", "x", "--configs", "lora,qlora"])
+    assert stop.value.code == 2 and "--configs: unknown ['qlora']" in capsys.readouterr().err
+
+
+@pytest.mark.launcher
+def test_smoke_runs_peft_and_ours_in_one_launch(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "gpu", "--out", str(tmp_path), "--smoke", "--stages", "2",
+                             "--configs", "peft lora,lora", "--big_model", ""],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert len(results["launches"]) == 1 and results["launches"][0]["configs"] == 2
+    rows = {row["name"]: row for row in results["rows"]}
+    assert set(rows) == {"peft lora", "lora"}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["peak_gb"] > 0 and row["timed_steps"] == 1, row
+    assert rows["lora"]["speed_vs_peft"] > 0 and rows["lora"]["outside_training_s"] > 0
+    assert "| zero2 | lora |" in (tmp_path / "gpu.md").read_text()
