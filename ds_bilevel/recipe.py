@@ -24,6 +24,7 @@ from ds_bilevel.distributed import Heartbeat, init_distributed
 from ds_bilevel.engine import BilevelEngine, NonFiniteError
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.heads import head_names, train_head
+from ds_bilevel.kernels import apply_kernels
 from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
 from ds_bilevel.plot import plot_metrics
@@ -74,8 +75,14 @@ def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
                                    for records in (train, evaluation, d2))
     model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code, ds_config, labels)
     model.config.use_cache = False
+    # Fused kernels replace modules of the base (norms, RoPE, MLP): before the adapters wrap it.
+    apply_kernels(model, run.use_liger_kernel, run.torch_compile)
     if run.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    # The frozen embeddings' output does not require grad: ZeRO-3 then misses the first adapted
+    # layers' pre-backward hooks and their backward finds released (empty) weights. Making it
+    # require grad costs one (B, T, H) gradient (PEFT does the same for checkpointing).
+    model.enable_input_require_grads()
     torch.manual_seed(run.seed)  # the same adapter init on every rank
     # An encoder's head is trained whole at the inner level, never wrapped by an adapter (heads.py).
     adapted = inject_adapters(model, run.adapter, exclude=head_names(model) if labels is not None else ())

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 
 from ds_bilevel.builtin.model import is_builtin
@@ -240,6 +242,11 @@ def _model_type(run: RunConfig) -> str:
 
 def check_run(run: RunConfig, world_size: int) -> None:
     """Everything but the DeepSpeed config, cheapest first."""
+    from ds_bilevel.hypergrad.config import detach_norm_warning
+
+    warning = detach_norm_warning(run.adapter.method, run.adapter.detach_norm, run.bilevel.hypergrad)
+    if warning and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {warning}", file=sys.stderr)  # allowed, but said once, before launch
     check_schedule(run)
     check_kernels(run)
     check_model(run)

@@ -29,18 +29,28 @@ from ds_bilevel.levels import Level
 from ds_bilevel.zero_access import scale_compute_weight_
 
 
-class _ReverseGradient(torch.autograd.Function):
-    """Identity forward; backward negates the gradient (the gradient-reversal layer of Ganin and
-    Lempitsky, 2015). Applied to a parameter, not to an activation, so only that parameter's
-    gradient flips: the gradient flowing to the layer input is unchanged."""
+class _AscendingLowRank(torch.autograd.Function):
+    """s B2 A2 x, whose backward gives x its true gradient and A2, B2 their negated ones: the
+    ascent happens in backward, as a gradient-reversal layer (Ganin and Lempitsky, 2015) on the
+    parameters alone. It saves the parameters themselves, not views of them: ZeRO-3 gathers a
+    parameter's data again before its layer's backward, but a view taken in forward keeps the
+    storage ZeRO-3 released after it (a crash at ZeRO-3 without activation checkpointing)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view_as(tensor)
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        hidden = F.linear(x, a)  # (..., r2): A2 x, kept for B2's gradient
+        ctx.save_for_backward(x, a, b, hidden)
+        ctx.scaling = scaling
+        return F.linear(hidden, b) * scaling
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return -grad
+    def backward(ctx, grad: torch.Tensor):
+        x, a, b, hidden = ctx.saved_tensors
+        grad = grad * ctx.scaling
+        grad_hidden = grad @ b  # (..., r2)
+        grad_b = grad.reshape(-1, grad.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1])  # (out, r2)
+        grad_a = grad_hidden.reshape(-1, grad_hidden.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (r2, in)
+        return grad_hidden @ a, -grad_a, -grad_b, None
 
 
 class BiLoraSamLayer(LoraLayer):
@@ -78,10 +88,9 @@ class BiLoraSamLayer(LoraLayer):
 
     def auxiliary(self, x: torch.Tensor) -> torch.Tensor:
         """s B2 A2 x for (already dropped-out) activations, never forming B2 A2."""
-        a, b = self.aux_A, self.aux_B
         if self.ascend_in_backward and torch.is_grad_enabled():
-            a, b = _ReverseGradient.apply(a), _ReverseGradient.apply(b)
-        return F.linear(F.linear(x, a), b) * self.scaling
+            return _AscendingLowRank.apply(x, self.aux_A, self.aux_B, self.scaling)
+        return F.linear(F.linear(x, self.aux_A), self.aux_B) * self.scaling
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         x_drop = self.dropout(x)  # one mask for both modules: they perturb the same weight

@@ -115,3 +115,24 @@ def test_aux_rank_larger_than_a_layer_is_rejected(make_llama, adapter_config):
 
     with pytest.raises(ValueError, match=r"adapter.aux_rank: 40 exceeds layer .*k_proj .*use at most 16"):
         inject_adapters(make_llama(), adapter_config("bilora_sam", aux_rank=40))
+
+
+def test_ascent_in_backward_negates_only_the_auxiliary_gradients():
+    """The ascending auxiliary path (engine mode) gives the input its true gradient and A2, B2 the
+    negated ones, computed from the parameters themselves (no views ZeRO-3 could empty)."""
+    torch.manual_seed(0)
+    layer = BiLoraSamLayer(torch.nn.Linear(6, 5), rank=2, alpha=4.0, aux_rank=3).double()
+    with torch.no_grad():
+        layer.aux_B.normal_()
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for ascend in (False, True):
+        layer.ascend_in_backward = ascend
+        layer.zero_grad()
+        x.grad = None
+        layer.auxiliary(x).square().sum().backward()
+        grads[ascend] = (x.grad.clone(), layer.aux_A.grad.clone(), layer.aux_B.grad.clone())
+    (x_plain, a_plain, b_plain), (x_up, a_up, b_up) = grads[False], grads[True]
+    assert torch.allclose(x_up, x_plain, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(a_up, -a_plain, rtol=1e-12, atol=1e-12) and a_plain.abs().max() > 0
+    assert torch.allclose(b_up, -b_plain, rtol=1e-12, atol=1e-12) and b_plain.abs().max() > 0

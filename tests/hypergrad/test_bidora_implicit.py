@@ -205,3 +205,16 @@ def test_detach_norm_warning_names_the_implicit_methods_only():
     assert detach_norm_warning("bidora", False, "cg") is None
     assert detach_norm_warning("bidora", True, "darts") is None
     assert detach_norm_warning("dora", True, "cg") is None
+
+
+def test_a_detached_norm_under_an_implicit_hypergradient_is_warned_before_launch(capsys):
+    """Allowed as an explicit choice, but said once: check_run prints the one-line warning."""
+    from ds_bilevel.config import config_from_flat
+    from ds_bilevel.validation import check_run
+
+    settings = {"model_name_or_path": "builtin:micro-llama", "data.train_size": 32, "data.eval_size": 8,
+                "adapter.method": "bidora", "bilevel.hypergrad": "cg", "micro_batch_size": 2}
+    check_run(config_from_flat({**settings, "adapter.detach_norm": True}), 1)
+    assert capsys.readouterr().err.count("warning: adapter.detach_norm: true with bilevel.hypergrad cg") == 1
+    check_run(config_from_flat(settings), 1)
+    assert capsys.readouterr().err == ""

@@ -1,8 +1,8 @@
 """The invariance matrix: runs that must all end where the one-process reference ends.
 
-Five factors a user can set: the method (with its hypergradient), the ZeRO stage, the
-world size, the gradient accumulation and the precision. Their full product (9 x 6 x 2 x 3
-x 2 = 648 runs) is too slow for CI on 2 cores, so ``ROWS`` is a covering set in which every
+Six factors a user can set: the method (with its hypergradient), the ZeRO stage, the
+world size, the gradient accumulation, the precision and activation checkpointing. Their full
+product (9 x 6 x 2 x 3 x 2 x 2 = 1296 runs) is too slow for CI on 2 cores, so ``ROWS`` is a covering set in which every
 pair of values of any two factors occurs at least once (pairwise), and every (method, stage)
 pair occurs at least once in fp32, where the comparison is exact to float rounding.
 docs/design.md lists the rows; ``uncovered_pairs`` is tested to be empty.
@@ -55,8 +55,9 @@ STAGES = {
 WORLD_SIZES = (1, 2)
 ACCUMULATIONS = (1, 2, 4)
 PRECISIONS = ("fp32", "bf16")
+CHECKPOINTING = (True, False)  # activation checkpointing: ZeRO-3 gathers for backward differently without it
 FACTORS = {"method": tuple(METHODS), "stage": tuple(STAGES), "world": WORLD_SIZES, "accumulation": ACCUMULATIONS,
-           "precision": PRECISIONS}
+           "precision": PRECISIONS, "checkpointing": CHECKPOINTING}
 SHARED = {"model_name_or_path": "builtin:micro-llama", "data.train_size": 96, "data.eval_size": 8,
           "max_steps": 3, "learning_rate": 5e-3, "warmup_ratio": 0.0, "adapter.rank": 4, "adapter.aux_rank": 2,
           "eval_batch_size": 8, "log_steps": 1, "seed": 3}
@@ -81,10 +82,13 @@ def _greedy_rows() -> list[dict]:
     rows, covered = [], set()
 
     def add(method: str, stages, precision: str) -> None:
-        options = [{"method": method, "stage": s, "world": w, "accumulation": a, "precision": precision}
-                   for s in stages for w in WORLD_SIZES for a in ACCUMULATIONS]
-        # Among equals, the shape most LLaMA-scale runs have: more ranks, less accumulation.
-        best = max(options, key=lambda row: (len(_pairs(row) - covered), row["world"], -row["accumulation"]))
+        options = [{"method": method, "stage": s, "world": w, "accumulation": a, "precision": precision,
+                    "checkpointing": c}
+                   for s in stages for w in WORLD_SIZES for a in ACCUMULATIONS for c in CHECKPOINTING]
+        # Among equals, the shape most LLaMA-scale runs have: more ranks, less accumulation; then
+        # alternate activation checkpointing, so that each method runs both ways at several stages.
+        best = max(options, key=lambda row: (len(_pairs(row) - covered), row["world"], -row["accumulation"],
+                                             row["checkpointing"] == (len(rows) % 2 == 0)))
         rows.append(best)
         covered.update(_pairs(best))
 
@@ -101,17 +105,21 @@ ROWS = _greedy_rows()
 
 def matrix_table() -> str:
     """The rows as the markdown table docs/design.md shows (a test keeps the two equal)."""
-    lines = ["| method | ZeRO | ranks | accumulation | precision |", "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['stage']} | {r['world']} | {r['accumulation']} | {r['precision']} |" for r in ROWS]
+    lines = ["| method | ZeRO | ranks | accumulation | precision | activation checkpointing |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['stage']} | {r['world']} | {r['accumulation']} | {r['precision']} | "
+              f"{'yes' if r['checkpointing'] else 'no'} |" for r in ROWS]
     return "\n".join(lines)
 
 
 def row_name(row: dict) -> str:
-    return f"{row['method']}-{row['stage']}-w{row['world']}-a{row['accumulation']}-{row['precision']}"
+    return (f"{row['method']}-{row['stage']}-w{row['world']}-a{row['accumulation']}-{row['precision']}"
+            f"{'' if row['checkpointing'] else '-nockpt'}")
 
 
 def run_settings(row: dict, output_dir: Path | str) -> dict:
     return {**SHARED, **METHODS[row["method"]], "gradient_accumulation_steps": row["accumulation"],
+            "gradient_checkpointing": row["checkpointing"],
             "micro_batch_size": GLOBAL_BATCH // (row["accumulation"] * row["world"]), "output_dir": str(output_dir)}
 
 
