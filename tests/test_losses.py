@@ -120,7 +120,7 @@ def test_linear_chunked_matches_linear_then_unchunked(bias):
     value = linear_token_loss_sum(mine[0], mine[1], labels, bias=mine[2] if bias else None, chunk_elements=37 * 5)
     my_grads = torch.autograd.grad(value * 1.7, mine)
     torch.testing.assert_close(value, ref, rtol=2e-6, atol=1e-5)
-    for a, r in zip(my_grads, ref_grads):
+    for a, r in zip(my_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
