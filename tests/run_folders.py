@@ -1,4 +1,4 @@
-"""A finished run folder written by hand, for the export tests."""
+"""A finished run folder written by hand, and adapters given random values, for the export tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ds_bilevel.config import RunConfig, config_to_dict
-from ds_bilevel.levels import Level, named_level_parameters
+from ds_bilevel.levels import Level, adapter_layers, named_level_parameters
 
 
 def write_run(folder: Path, model: torch.nn.Module, run: RunConfig, labels: list[str] | None = None) -> Path:
@@ -24,3 +24,20 @@ def write_run(folder: Path, model: torch.nn.Module, run: RunConfig, labels: list
     if labels is not None:
         (folder / "labels.json").write_text(json.dumps(labels))
     return folder
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 1, zero_auxiliary: bool = False) -> None:
+    """Random adapter values, so that every dW != 0 (magnitudes near ||W0||_row, lambda far from
+    uniform); with ``zero_auxiliary`` Bi-LoRA's auxiliary module zero, as at inference."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in adapter_layers(model):
+        for level in Level:
+            for name, param in layer.level_parameters(level):
+                noise = torch.randn(param.shape, generator=gen)
+                if name == "magnitude":
+                    param.mul_(1 + 0.1 * noise)
+                else:
+                    param.copy_(noise if name == "lambda_raw" else 0.1 * noise)
+        if zero_auxiliary and hasattr(layer, "aux_B"):
+            layer.aux_B.zero_()

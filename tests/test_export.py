@@ -18,7 +18,7 @@ import pytest
 import torch
 from launch_helpers import REPO
 from peft import PeftModel
-from run_folders import write_run
+from run_folders import randomize, write_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -42,20 +42,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def tokens_for(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(5))
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random adapter values, so that every dW != 0 (magnitudes near ||W0||_row, lambda far from uniform)."""
-    gen = torch.Generator().manual_seed(seed)
-    for _, layer in adapter_layers(model):
-        for level in Level:
-            for name, param in layer.level_parameters(level):
-                noise = torch.randn(param.shape, generator=gen)
-                if name == "magnitude":
-                    param.mul_(1 + 0.1 * noise)
-                else:
-                    param.copy_(noise if name == "lambda_raw" else 0.1 * noise)
 
 
 class Run:

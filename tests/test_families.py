@@ -11,7 +11,7 @@ import pytest
 import torch
 from families import CAUSAL, ENCODERS, causal_lm, classifier, save_causal_folder
 from peft import PeftModel
-from run_folders import write_run
+from run_folders import randomize, write_run
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -27,22 +27,6 @@ METHODS = ["lora", "dora", "bilora", "bidora", "bilora_sam"]
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 1) -> None:
-    """Every adapter value non-trivial (dW != 0); Bi-LoRA's auxiliary module zero, as at inference."""
-    gen = torch.Generator().manual_seed(seed)
-    for _, layer in adapter_layers(model):
-        for level in Level:
-            for name, param in layer.level_parameters(level):
-                noise = torch.randn(param.shape, generator=gen)
-                if name == "magnitude":
-                    param.mul_(1 + 0.1 * noise)
-                else:
-                    param.copy_(noise if name == "lambda_raw" else 0.1 * noise)
-        if hasattr(layer, "aux_B"):
-            layer.aux_B.zero_()
 
 
 TOKENS = torch.randint(4, 400, (2, 11), generator=torch.Generator().manual_seed(5))
@@ -104,7 +88,7 @@ def test_conv1d_layers_adapt_train_and_merge_in_every_method(method):
     names = inject_adapters(model, AdapterConfig(method=method, rank=4, alpha=8.0, aux_rank=3))
     assert len(names) == 8 and all(isinstance(model.get_submodule(n).base_layer, Conv1D) for n in names)
     assert rel_err(logits(model), expected_base) < 1e-6  # a no-op at init
-    randomize(model)
+    randomize(model, zero_auxiliary=True)
     model.train()
     loss = model(TOKENS, labels=TOKENS).loss
     loss.backward()
@@ -164,7 +148,7 @@ def test_a_gpt2_base_saved_without_its_prefix_exports(method, tmp_path):
     adapter = AdapterConfig(method=method, rank=4, alpha=8.0)
     torch.manual_seed(0)
     inject_adapters(model, adapter)
-    randomize(model)
+    randomize(model, zero_auxiliary=True)
     expected = logits(model)
     run_dir = write_run(tmp_path / "run", model, RunConfig(model_name_or_path=str(base_dir),
                                                           output_dir=str(tmp_path / "run"), adapter=adapter))
@@ -186,7 +170,7 @@ def test_merged_and_peft_exports_reproduce_the_adapted_model(family, method, fol
     adapter = AdapterConfig(method=method, rank=4, alpha=8.0, aux_rank=3)
     torch.manual_seed(0)
     inject_adapters(model, adapter)
-    randomize(model)
+    randomize(model, zero_auxiliary=True)
     expected = logits(model)
     run_dir = write_run(tmp_path / "run", model, RunConfig(model_name_or_path=str(base_dir),
                                                           output_dir=str(tmp_path / "run"), adapter=adapter))

@@ -61,7 +61,7 @@ def main(out_path: str) -> None:
             current = recipe._level_values()
             changed = {level.value: any(not torch.equal(current[level][n], previous[level][n])
                                         for n in current[level]) for level in Level}
-            steps.append({"kind": kind, "loss": loss, **changed})
+            steps.append({"kind": kind, "loss": float(loss), **changed})  # the engine keeps it on the device
             previous = current
         results[name] = {"steps": steps, "batched_reads": batched_read_errors(recipe.engine),
                          "base_sha256": base_checksum(recipe.engine.module),
