@@ -24,7 +24,7 @@ BUILTIN_MODELS = {
     "mid-llama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
     # LLaMA-3-8B's shapes (8.0B parameters, random weights, vocabulary padded to 128256) for
-    # GPU throughput runs (bench/h200.py).
+    # GPU throughput runs (bench/gpu.py).
     "llama-3-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                              vocab_size=128256, rope_theta=500000.0),
