@@ -144,14 +144,7 @@ def test_a_gpt2_base_saved_without_its_prefix_exports(method, tmp_path):
     torch.manual_seed(0)
     GPT2Model(config_of("gpt2")).save_pretrained(base_dir)
     write_tokenizer_files(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    adapter = AdapterConfig(method=method, rank=4, alpha=8.0)
-    torch.manual_seed(0)
-    inject_adapters(model, adapter)
-    randomize(model, zero_auxiliary=True)
-    expected = logits(model)
-    run_dir = write_run(tmp_path / "run", model, RunConfig(model_name_or_path=str(base_dir),
-                                                          output_dir=str(tmp_path / "run"), adapter=adapter))
+    expected, run_dir = adapted_run(base_dir, AdapterConfig(method=method, rank=4, alpha=8.0), tmp_path)
     merged_dir = export(run_dir, tmp_path / "merged", "merged", "float32")
     with safe_open(str(merged_dir / "model.safetensors"), "pt") as f:
         assert "h.0.attn.c_attn.weight" in f.keys()  # noqa: SIM118 (safe_open is not a dict)
@@ -162,18 +155,24 @@ def test_a_gpt2_base_saved_without_its_prefix_exports(method, tmp_path):
     assert max(errors.values()) < 1e-5, errors
 
 
+def adapted_run(base_dir, adapter: AdapterConfig, tmp_path):
+    """The base with random adapters (Bi-LoRA's auxiliary zero, as at inference): its logits, and
+    its run folder as training would leave it."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    inject_adapters(model, adapter)
+    randomize(model, zero_auxiliary=True)
+    run_dir = write_run(tmp_path / "run", model, RunConfig(model_name_or_path=str(base_dir),
+                                                          output_dir=str(tmp_path / "run"), adapter=adapter))
+    return logits(model), run_dir
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("family", "method"), CASES)
 def test_merged_and_peft_exports_reproduce_the_adapted_model(family, method, folders, tmp_path):
     base_dir = folders(family)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    adapter = AdapterConfig(method=method, rank=4, alpha=8.0, aux_rank=3)
-    torch.manual_seed(0)
-    inject_adapters(model, adapter)
-    randomize(model, zero_auxiliary=True)
-    expected = logits(model)
-    run_dir = write_run(tmp_path / "run", model, RunConfig(model_name_or_path=str(base_dir),
-                                                          output_dir=str(tmp_path / "run"), adapter=adapter))
+    expected, run_dir = adapted_run(base_dir, AdapterConfig(method=method, rank=4, alpha=8.0, aux_rank=3),
+                                    tmp_path)
     merged_dir = export(run_dir, tmp_path / "merged", "merged", "float32")
     merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info

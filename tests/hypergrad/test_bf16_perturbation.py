@@ -10,7 +10,6 @@ masters, nothing rounded).
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -91,14 +90,6 @@ def jv_error(widen: bool, eps: float = 0.01) -> float:
     exact = problem.exact_mixed_product(v)
     num = sum((a - b).square().sum() for a, b in zip(mixed, exact, strict=True)).sqrt()
     return (num / sum(b.square().sum() for b in exact).sqrt()).item()
-
-
-@pytest.fixture(scope="module")
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def test_absolute_step_is_rounded_away_at_this_size(float64):

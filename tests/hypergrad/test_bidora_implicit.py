@@ -141,14 +141,6 @@ def exact_hypergradient(layer: BiDoraLayer, data: Data):
     return grad_m_val - mixed.T @ torch.linalg.solve(hessian, grad_w_val), grad_m_val, hessian
 
 
-@pytest.fixture(scope="module")
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def make_layer(**overrides) -> BiDoraLayer:
     torch.manual_seed(0)
     layer = BiDoraLayer.from_config(nn.Linear(IN, OUT), AdapterConfig(method="bidora", rank=RANK, alpha=ALPHA,
