@@ -14,6 +14,7 @@ BENCHMARKS = {
     "zero3_scaling": ("bench.zero3_scaling:main", "ZeRO-3 per-rank memory of the frozen base on 1 vs 2 ranks"),
     "scale7b": ("bench.scale7b:main", "the LLaMA-2-7B-shaped BiDoRA darts step under ZeRO-3 on 2 CPU ranks"),
     "gpu": ("bench.gpu:main", "one GPU run: ours vs PEFT, every method, ZeRO-2/3, the 8B shape (--smoke: CPU)"),
+    "gpu_kernels": ("bench.gpu_kernels:main", "Liger, torch.compile, chunked/fused loss vs the plain model (CUDA)"),
     "memory_estimate": ("bench.memory_estimate:main", "per-GPU memory estimate at LLaMA scale from shapes"),
     "generalisation": ("bench.generalisation:main", "the generalisation study (bi-level vs one-level)"),
     "perturbation_bf16": ("bench.perturbation_bf16:main",

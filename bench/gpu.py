@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import string
 import sys
 import time
@@ -127,16 +128,19 @@ def run_plan(plan: dict, path: Path, ranks: int, env: dict, timeout: float) -> t
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(free_port()), str(REPO / "bench" / "gpu_worker.py"), str(path)]
     started = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=REPO, env={**launch_env(), **env}, capture_output=True, text=True,
-                                timeout=max(timeout, 1))
-        last = (result.stderr.strip().splitlines() or [""])[-1]
-        stdout, failure = result.stdout, (None if result.returncode == 0 else f"exit {result.returncode}: {last}")
-    except subprocess.TimeoutExpired as expired:
-        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-        failure = "the launch ran past the time budget"
+    log = path.parent / f"{plan['group']}.log"  # written as the launch runs: a killed run still leaves its rows
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env={**launch_env(), **env}, stdout=sink,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            code = process.wait(timeout=max(timeout, 1))
+            failure = None if code == 0 else f"exit {code}: {(log.read_text().strip().splitlines() or [''])[-1]}"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and the ranks it started
+            process.wait()
+            failure = "the launch ran past the time budget"
     wall = time.perf_counter() - started
-    (path.parent / f"{plan['group']}.log").write_text(stdout if failure is None else stdout + "\n" + failure)
+    stdout = log.read_text()
     rows = [json.loads(line[len("BENCH "):]) for line in stdout.splitlines() if line.startswith("BENCH ")]
     header = rows.pop(0) if rows and "name" not in rows[0] else {}
     done = {row["name"] for row in rows}
@@ -179,14 +183,15 @@ def markdown(rows: list[dict], launches: list[dict]) -> str:
     body = []
     for r in rows:
         if "tokens_per_s" not in r:
-            body.append([r["group"], r["name"], r.get("skipped") or r.get("error", "?"), "", "", "", "", "", "", ""])
+            body.append([r["group"], r["name"], r.get("skipped") or r.get("error", "?"), *[""] * 8])
             continue
         body.append([r["group"], r["name"], f"{r['tokens_per_s']:.0f}", f"{r['peak_gb']:.2f}",
                      f"{100 * r['useful_mfu']:.1f}%", fmt(r.get("speed_vs_peft"), ".2f"),
                      fmt(r.get("memory_vs_peft"), ".2f"), fmt(r.get("time_vs_lora"), ".2f"),
-                     fmt(r.get("memory_vs_lora"), ".2f"), f"{r.get('outside_training_s', r['wall_s']):.1f}"])
+                     fmt(r.get("memory_vs_lora"), ".2f"), f"{r.get('outside_training_s', r['wall_s']):.1f}",
+                     fmt(r.get("phases", {}).get("start_to_first_step"), ".1f")])
     main = table(["ZeRO", "run", "tokens/s", "peak GB", "useful MFU", "speed vs PEFT", "memory vs PEFT",
-                  "time vs LoRA", "memory vs LoRA", "s outside training"], body)
+                  "time vs LoRA", "memory vs LoRA", "s outside training", "s from main to first step"], body)
     starts = table(["launch", "wall s", "launcher + imports s (to the worker's first line)", "configurations"],
                    [[x["group"], f"{x['wall_s']:.1f}", fmt(x.get("worker_start_after_launch_s"), ".1f"), x["configs"]]
                     for x in launches])
@@ -210,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         launches.append({"group": plan["group"], "wall_s": wall, "configs": len(plan["configs"]),
                          "worker_start_after_launch_s": group_rows[0].get("worker_start_after_launch_s")
                          if group_rows else None})
+        text = write_results(out, options, rows, launches, started)  # after each launch: partial results stay
+    print(text)
+    print(f"results: {out / 'gpu.json'}, {out / 'gpu.md'}")
+
+
+def write_results(out: Path, options, rows: list[dict], launches: list[dict], started: float) -> str:
     derive(rows, options, options.ranks)
     info = machine()
     results = {"machine": info, "options": vars(options), "total_wall_s": time.time() - started,
@@ -219,5 +230,4 @@ def main(argv: list[str] | None = None) -> None:
             f"({info['date']}, commit {info['commit'][:7]}), {results['total_wall_s']:.0f} s in all\n\n"
             + markdown(rows, launches))
     (out / "gpu.md").write_text(text)
-    print(text)
-    print(f"results: {out / 'gpu.json'}, {out / 'gpu.md'}")
+    return text

@@ -64,6 +64,14 @@ def init_distributed(timeout_s: int) -> None:
 
     timeout = timedelta(seconds=timeout_s)
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    if "RANK" not in os.environ:  # `python launch/train.py` without a launcher: one rank, here
+        import socket
+
+        with socket.socket() as probe:  # a free port: two such runs on one machine do not collide
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     deepspeed.init_distributed(timeout=timeout)
 
 

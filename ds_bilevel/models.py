@@ -3,6 +3,7 @@ with a sequence-classification head (the rule is in heads.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -115,14 +116,18 @@ def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = 
     bf16 = bool(ds_config and ds_config.get("bf16", {}).get("enabled"))
     dtype = torch.bfloat16 if bf16 else torch.float32
     _HF_DEEPSPEED_CONFIG = None  # transformers holds it weakly: dropping it ends ZeRO-3 mode
-    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+    zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers then creates the model under deepspeed.zero.Init and initialises or
         # loads each parameter gathered on its own (from_pretrained and from_config alike).
         _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)
     if is_builtin(name):
-        return build_builtin_model(name, vocab_size, seed=seed, dtype=dtype, labels=labels)
+        # Built on this rank's GPU where there is one (zero.Init places ZeRO-3's partitions itself).
+        device = None if zero3 or not torch.cuda.is_available() else torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return build_builtin_model(name, vocab_size, seed=seed, dtype=dtype, labels=labels, device=device)
     if not (Path(name) / "config.json").is_file():
         raise ValueError(f"model_name_or_path: {name!r} is neither a builtin nor a folder with config.json")
     if labels is not None:

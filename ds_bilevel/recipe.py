@@ -27,6 +27,7 @@ from ds_bilevel.heads import head_names, train_head
 from ds_bilevel.kernels import apply_kernels
 from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
+from ds_bilevel.phases import Phases
 from ds_bilevel.plot import plot_metrics
 from ds_bilevel.schedule import BatchSource, events, split_d1_d2
 from ds_bilevel.zero_access import master_value
@@ -65,7 +66,8 @@ class Prepared:
     adapted: list[str] | None = None  # the adapted layers' names, in model order
 
 
-def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
+def prepare(run: RunConfig, ds_config: dict | None = None, phases: Phases | None = None) -> Prepared:
+    mark = phases.mark if phases is not None else (lambda name: None)
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
     train, evaluation = load_records(run.dataset, run.data, run.seed)
@@ -73,6 +75,7 @@ def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
     labels = encoder_labels(run.model_name_or_path, run.trust_remote_code, run.data, train, evaluation, d2)
     train_set, eval_set, d2_set = (tokenize(records, tokenizer, run.data, labels) if records is not None else None
                                    for records in (train, evaluation, d2))
+    mark("tokenizer_and_data")
     model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code, ds_config, labels)
     model.config.use_cache = False
     # Fused kernels replace modules of the base (norms, RoPE, MLP): before the adapters wrap it.
@@ -88,6 +91,7 @@ def prepare(run: RunConfig, ds_config: dict | None = None) -> Prepared:
     adapted = inject_adapters(model, run.adapter, exclude=head_names(model) if labels is not None else ())
     if labels is not None:
         train_head(model)
+    mark("model_and_adapters")
     return Prepared(tokenizer, train_set, eval_set, d2_set, model, labels, adapted)
 
 
@@ -139,9 +143,10 @@ def on_host(value):
 
 
 class TrainingRecipe:
-    def __init__(self, run: RunConfig, ds_config: dict):
+    def __init__(self, run: RunConfig, ds_config: dict, phases: Phases | None = None):
         self.run, self.ds_config = run, ds_config
         self.output_dir = Path(run.output_dir)
+        self.phases = phases or Phases()
 
     # ---- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,13 +156,14 @@ class TrainingRecipe:
         # Every collective fails after collective_timeout_s instead of waiting for a dead peer
         # forever; the heartbeat then names the peer (docs/failures.md).
         init_distributed(run.collective_timeout_s)
+        self.phases.mark("init_distributed")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.heartbeat = Heartbeat(self.rank, self.world_size) if self.world_size > 1 else None
         if self.rank != 0:
             import datasets
 
             datasets.disable_progress_bars()
-        data = prepare(run, self.ds_config)
+        data = prepare(run, self.ds_config, self.phases)
         # Which layers were adapted, by kind: all-linear picks them from the model (adapters/inject.py).
         self.adapted_layers = {"count": len(data.adapted), "kinds": layer_kinds(data.adapted)}
         if self.rank == 0:
@@ -165,6 +171,7 @@ class TrainingRecipe:
             print(f"adapters: {run.adapter.method} on {len(data.adapted)} layers ({kinds})", flush=True)
         self.tokenizer, self.eval_set = data.tokenizer, data.eval_set
         self.engine = BilevelEngine(data.model, run, self.ds_config)
+        self.phases.mark("deepspeed_initialize")
         self.initial = self._level_values()
         self.sources = batch_sources(run, self.engine.mode, data, self.rank, self.world_size)
         if self.rank == 0:
@@ -177,6 +184,7 @@ class TrainingRecipe:
             if "outer" in self.sources and not run.data.validation_file:  # the D1/D2 split, for audits
                 split = {"d1": self.sources["inner"].indices, "d2": self.sources["outer"].indices}
                 (self.output_dir / "split.json").write_text(json.dumps(split))
+        self.phases.mark("setup_rest")
 
     # ---- train -----------------------------------------------------------------------------
 
@@ -204,6 +212,8 @@ class TrainingRecipe:
         total = sum(kind != "outer" for kind, _ in schedule)  # inner steps, retraining included
         state = self._resume() if run.resume_from_checkpoint else {
             "position": 0, "inner_done": 0, "before": self._evaluate(0), "first_loss": None, "outer_loss": None}
+        self.phases.mark("resume" if run.resume_from_checkpoint else "eval_before")
+        first_position = state["position"]
         progress = tqdm(total=total, initial=state["inner_done"], desc=f"train {run.adapter.method}",
                         disable=self.rank != 0, dynamic_ncols=True)
         # A run resumed from its last checkpoint may have no step left: it reports the saved loss.
@@ -216,6 +226,12 @@ class TrainingRecipe:
             batch = self.sources[kind].batch(index)
             step_loss = self.engine.step(kind, batch)
             tokens_seen += batch.tokens
+            if position == first_position:  # one wait, once: the first step's true end
+                from deepspeed.accelerator import get_accelerator
+
+                get_accelerator().synchronize()
+                self.phases.mark("first_step")
+                self.phases.seconds["start_to_first_step"] = self.phases.since_start()
             if kind == "outer":
                 state["outer_loss"] = step_loss
             else:
@@ -249,7 +265,9 @@ class TrainingRecipe:
                                        "last_loss": on_host(loss)})
         progress.close()
         train_time = time.perf_counter() - start
+        self.phases.mark("training_after_first_step")
         after = self._evaluate(total)
+        self.phases.mark("eval_after")
         before = state["before"]
         return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                 # exact_match_before/after (token labels) or accuracy_before/after (a classifier)
@@ -328,6 +346,9 @@ class TrainingRecipe:
             summary["base_sha256"] = base_checksum(module)
         summary["peak_memory_gb_per_rank"] = peak_memory_per_rank()
         summary["adapted_layers"] = self.adapted_layers
+        self.phases.mark("save")
+        # Where a launch spends its time (seconds, in order): the start-up as much as the training.
+        summary["phases"] = dict(self.phases.seconds)
         if self.rank == 0:
             save_file(tensors, str(self.output_dir / "adapter_model.safetensors"),
                       metadata={"method": self.run.adapter.method, "levels": json.dumps(levels)})

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 from ds_bilevel.config import RunConfig, load_config  # noqa: E402
+from ds_bilevel.phases import Phases  # noqa: E402
 from ds_bilevel.validation import check_run, checked_ds_config  # noqa: E402
 
 
@@ -70,6 +71,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    phases = Phases()
     try:
         run, ds_config = validated_settings(argv)
     except ValueError as error:
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from ds_bilevel.engine import NonFiniteError
     from ds_bilevel.recipe import TrainingRecipe
 
-    recipe = TrainingRecipe(run, ds_config)
+    phases.mark("validation")
+    recipe = TrainingRecipe(run, ds_config, phases)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         recipe.setup()
