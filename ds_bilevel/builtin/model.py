@@ -90,7 +90,11 @@ def build_builtin_model(name: str, vocab_size: int, seed: int = 0, dtype: torch.
     the seeded values are drawn there: on a GPU in milliseconds instead of a minute on the host.
     """
     from transformers import LlamaForCausalLM, RobertaForSequenceClassification
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5.x
+        from transformers.modeling_utils import no_init_weights
 
     if is_builtin_encoder(name):
         if not labels:
