@@ -5,8 +5,10 @@ same ranks (``python -m bench gpu`` writes the plan and launches this once per Z
 
 Each configuration is either ours (launch/train.py's ``main`` with its flags, in process) or the
 PEFT peer (bench/peft_worker.py's ``main``). Between configurations the accelerator's peak-memory
-counter is reset, so each row's peak is its own (on CPU the peak resident set only grows: the
-smoke run's memory column is the process's running maximum). Rank 0 prints one line per
+counter is reset, and each row's peak is reported above what was still allocated when it began
+(earlier configurations leave some: measured on an H100, each ds_bilevel run left about 1.5 GB),
+so each row's peak is its own (on CPU the peak resident set only grows: the smoke run's memory
+column is the process's running maximum). Rank 0 prints one line per
 configuration, ``BENCH {json}``; a configuration that fails is recorded with its error and the
 next one runs. Past the plan's deadline (epoch seconds) the remaining ones are recorded as skipped.
 """
@@ -68,8 +70,13 @@ def reset_between_configs() -> None:
 
 def run_config(config: dict, warmup: int) -> dict:
     """One configuration in this process: its timing, memory and start-up numbers."""
+    import torch
+
     from bench.common import steady_rate
 
+    # What earlier configurations of this process left allocated (DeepSpeed engines are not all
+    # freed): the peak counter starts there, so each row's peak is taken above it.
+    baseline_gb = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     started = time.perf_counter()
     captured = io.StringIO()
     if config["kind"] == "peft":
@@ -99,6 +106,9 @@ def run_config(config: dict, warmup: int) -> dict:
             if "phases" in summary:  # the run's own start-up breakdown, where recipe.py records one
                 result["phases"] = summary["phases"]
     wall = time.perf_counter() - started
+    if "peak_memory_gb_per_rank" in result:  # rank 0's baseline for every rank (the same work on each)
+        result["peak_memory_gb_per_rank"] = [round(p - baseline_gb, 3) for p in result["peak_memory_gb_per_rank"]]
+        result["memory_left_by_earlier_configs_gb"] = round(baseline_gb, 3)
     result["wall_s"] = wall
     if "train_time_s" in result:  # set-up, evaluations before and after, the save: all but the loop
         result["outside_training_s"] = wall - result["train_time_s"]

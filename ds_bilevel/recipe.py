@@ -232,6 +232,7 @@ class TrainingRecipe:
                 get_accelerator().synchronize()
                 self.phases.mark("first_step")
                 self.phases.seconds["start_to_first_step"] = self.phases.since_start()
+                self.phases.seconds["first_step_done_unix_s"] = round(time.time(), 3)  # vs a launcher's clock
             if kind == "outer":
                 state["outer_loss"] = step_loss
             else:
