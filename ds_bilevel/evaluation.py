@@ -54,20 +54,24 @@ def inference_forward(model: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def local_totals(module: torch.nn.Module, dataset, pad_id: int, batches: list[list[int]]) -> torch.Tensor:
     """(loss sum, labelled count, right answers, examples) over ``batches`` of example indices
-    (-1: padding, run but not counted), float64, not reduced. The caller picks the forward mode."""
+    (-1: padding, run but not counted), float64, not reduced, on the model's device. The caller
+    picks the forward mode. Everything stays on the device: the logits of one batch at a real
+    vocabulary are gigabytes (4 x 2048 x 128256 in fp32 = 4.2 GB), and a per-batch read would
+    make the host wait for every forward."""
     device = module.device if hasattr(module, "device") else next(module.parameters()).device
-    totals = torch.zeros(4, dtype=torch.float64)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     classes = is_classification(collate([dataset[0]], pad_id)["labels"])
     for indices in batches:
         valid = torch.tensor([i >= 0 for i in indices])
         batch = collate([dataset[max(i, 0)] for i in indices], pad_id)
-        labels = batch["labels"].masked_fill(~(valid if classes else valid[:, None]), IGNORE_INDEX)
+        labels = batch["labels"].masked_fill(~(valid if classes else valid[:, None]), IGNORE_INDEX).to(device)
+        valid = valid.to(device)
         logits = module(input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+                        attention_mask=batch["attention_mask"].to(device)).logits
         counted = labels if classes else labels[:, 1:]
         right = predictions_right(logits, labels) & valid
-        totals += torch.tensor([loss_sum(logits, labels).item(), (counted != IGNORE_INDEX).sum().item(),
-                                right.sum().item(), valid.sum().item()], dtype=torch.float64)
+        totals += torch.stack([loss_sum(logits, labels).double(), (counted != IGNORE_INDEX).sum().double(),
+                               right.sum().double(), valid.sum().double()])
     return totals
 
 
