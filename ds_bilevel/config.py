@@ -11,19 +11,44 @@ of valid ones.
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import dataclasses
+import difflib
+import functools
+import importlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_bilevel.adapters.config import AdapterConfig
-from ds_bilevel.data import DataConfig
-from ds_bilevel.hypergrad.config import BilevelConfig
+if typing.TYPE_CHECKING:  # imported on first use: they import torch, and --help must answer without it
+    from ds_bilevel.adapters.config import AdapterConfig
+    from ds_bilevel.data import DataConfig
+    from ds_bilevel.hypergrad.config import BilevelConfig
 
 # Command-line names that stand for a nested field (the contract of launch/train.py).
 ALIASES = {"method": "adapter.method", "hypergrad": "bilevel.hypergrad", "unroll_steps": "bilevel.unroll_steps",
            "split_ratio": "bilevel.split_ratio"}
 LR_SCHEDULERS = ("linear", "cosine", "constant")
+# The nested sections of RunConfig: field name -> (module, dataclass). The modules import torch, so
+# the command line's help is read from their source (``settings``) and the classes are imported on
+# first use (``section_class``).
+SECTIONS = {"adapter": ("ds_bilevel.adapters.config", "AdapterConfig"),
+            "data": ("ds_bilevel.data", "DataConfig"),
+            "bilevel": ("ds_bilevel.hypergrad.config", "BilevelConfig")}
+
+
+def section_class(name: str) -> type:
+    """The dataclass of the nested section ``name`` (adapter, data, bilevel), imported now."""
+    module, cls = SECTIONS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(name: str):  # ``from ds_bilevel.config import AdapterConfig`` still works
+    for section, (_, cls) in SECTIONS.items():
+        if name == cls:
+            return section_class(section)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -87,9 +112,9 @@ class RunConfig:
     max_nonfinite_steps: int = 5
     """A step whose loss or gradients are not finite is skipped and counted; this many in a
     row stop the run with an error."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    bilevel: BilevelConfig = field(default_factory=BilevelConfig)
+    adapter: AdapterConfig = field(default_factory=lambda: section_class("adapter")())
+    data: DataConfig = field(default_factory=lambda: section_class("data")())
+    bilevel: BilevelConfig = field(default_factory=lambda: section_class("bilevel")())
     # Not a setting: where each given setting came from ({"micro_batch_size": "the command line",
     # ...}), so that a DeepSpeed JSON value fills only what was not given and a conflict names
     # both sides. None (a RunConfig built in code): every setting counts as given.
@@ -129,7 +154,8 @@ class RunConfig:
 
 # ---- reading settings ----------------------------------------------------------------------
 def _fields(cls) -> dict[str, tuple[type, dataclasses.Field]]:
-    hints = typing.get_type_hints(cls)
+    classes = {cls_name: section_class(name) for name, (_, cls_name) in SECTIONS.items()} if cls is RunConfig else {}
+    hints = typing.get_type_hints(cls, localns=classes)
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
 
@@ -185,20 +211,240 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
     return out
 
 
+# ---- the command line: its help is read from the settings' source, without importing torch ----------
+@dataclass(frozen=True)
+class Setting:
+    """One leaf setting as the source declares it: what --help and docs/usage.md's table show."""
+
+    key: str  # "adapter.rank"
+    type: str  # the annotation as written: "int", "float", "str", "bool", "list[str]"
+    default: object
+    doc: str  # the docstring under the field, whitespace collapsed
+    choices: tuple[str, ...] = ()  # the values its validate() accepts, where it checks membership
+    rule: str = ""  # what its validate() requires otherwise ("an integer >= 1"), from the error it raises
+
+
+def _module_source(module: str) -> ast.Module:
+    """The parsed source of a ds_bilevel module (a package: its __init__.py), without importing it."""
+    path = Path(__file__).resolve().parent.parent.joinpath(*module.split("."))
+    return ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text())
+
+
+def _constants(tree: ast.Module) -> dict[str, object]:
+    """Module-level NAME = <literal>; a mapping (a dict, or one wrapped in a call such as
+    MappingProxyType): its keys. LR_SCHEDULERS, METHODS."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target = node.target
+        else:
+            continue
+        value = node.value
+        if isinstance(value, ast.Call) and len(value.args) == 1 and isinstance(value.args[0], ast.Dict):
+            value = value.args[0]
+        if not isinstance(target, ast.Name):
+            continue
+        with contextlib.suppress(ValueError, TypeError, SyntaxError):
+            out[target.id] = (tuple(ast.literal_eval(k) for k in value.keys if k is not None)
+                              if isinstance(value, ast.Dict) else ast.literal_eval(value))
+    return out
+
+
+def _resolve(name: str, tree: ast.Module, depth: int = 3) -> object:
+    """The literal value of ``name`` in a module: its own constant, or one it imports from another
+    ds_bilevel module (at module level or inside a function). None where it is not a literal."""
+    constants = _constants(tree)
+    if name in constants or depth == 0:
+        return constants.get(name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ds_bilevel")
+                and any(alias.name == name for alias in node.names)):
+            return _resolve(name, _module_source(node.module), depth - 1)
+    return None
+
+
+def _default(node: ast.expr | None, constants: dict[str, object]) -> object:
+    """A field's default from its source: a literal, or ``field(default_factory=list | lambda: [...])``."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "field":
+        factory = next(k.value for k in node.keywords if k.arg == "default_factory")
+        if isinstance(factory, ast.Lambda):
+            return eval(compile(ast.Expression(factory.body), "<default>", "eval"), {"__builtins__": {}}, constants)
+        return {"list": [], "dict": {}}[factory.id]
+    return ast.literal_eval(node)
+
+
+# Settings whose allowed values their validate() does not check by membership: (module, constant).
+CHOICES_FROM = {"adapter.method": (("ds_bilevel.adapters.registry", "ds_bilevel.adapters"), "METHODS")}
+
+
+def _choices_from(key: str) -> tuple[str, ...]:
+    modules, name = CHOICES_FROM[key]
+    for module in modules:
+        with contextlib.suppress(FileNotFoundError):
+            values = _resolve(name, _module_source(module))
+            if values:
+                return tuple(values)
+    return ()
+
+
+def _choices(cls_node: ast.ClassDef, tree: ast.Module) -> dict[str, tuple[str, ...]]:
+    """{field: allowed values} from the class's validate(): ``if self.<field> not in NAME``, NAME a
+    constant of the module or imported from another ds_bilevel module."""
+    out = {}
+    for function in (n for n in cls_node.body if isinstance(n, ast.FunctionDef) and n.name == "validate"):
+        for node in ast.walk(function):
+            if (isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn))
+                    and isinstance(node.left, ast.Attribute) and getattr(node.left.value, "id", "") == "self"
+                    and isinstance(node.comparators[0], ast.Name)):
+                values = _resolve(node.comparators[0].id, tree)
+                if values:
+                    out[node.left.attr] = tuple(values)
+    return out
+
+
+def _rules(cls_node: ast.ClassDef) -> dict[str, str]:
+    """{field: "an integer >= 1"} from the class's validate(): the text after "must be" of each
+    ``raise ValueError(f"<field>: {value!r} must be ...")``, the field named in the message or by the
+    ``for name in (...)`` loop around it."""
+    out: dict[str, str] = {}
+
+    def visit(node: ast.AST, loop_names: tuple[str, ...]) -> None:
+        if isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple):
+            with contextlib.suppress(ValueError):
+                loop_names = tuple(ast.literal_eval(node.iter))
+        exc = node.exc if isinstance(node, ast.Raise) else None
+        if (isinstance(exc, ast.Call) and getattr(exc.func, "id", "") == "ValueError" and exc.args
+                and isinstance(exc.args[0], ast.JoinedStr)):
+            text = "".join(p.value if isinstance(p, ast.Constant) else "\0" for p in exc.args[0].values)
+            head, must, rule = text.partition(" must ")
+            head = head.split(":")[0]
+            if must and "\0" not in rule:
+                for name in loop_names if "\0" in head else (head.rsplit(".", 1)[-1],):
+                    out.setdefault(name, rule.removeprefix("be "))
+        for child in ast.iter_child_nodes(node):
+            visit(child, loop_names)
+
+    for function in (n for n in cls_node.body if isinstance(n, ast.FunctionDef) and n.name == "validate"):
+        visit(function, ())
+    return out
+
+
+def _class_settings(module: str, cls: str, prefix: str, tree: ast.Module | None = None) -> list[Setting]:
+    tree = tree or _module_source(module)
+    constants = _constants(tree)
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    choices, rules = _choices(node, tree), _rules(node)
+    out = []
+    for item, after in zip(node.body, [*node.body[1:], None], strict=True):
+        if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+            continue
+        name, annotation = item.target.id, ast.unparse(item.annotation)
+        if annotation.startswith(("typing.ClassVar", "ClassVar")):
+            continue
+        if name in SECTIONS:
+            out += _class_settings(*SECTIONS[name], prefix=f"{prefix}{name}.")
+            continue
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+        key = prefix + name
+        out.append(Setting(key, annotation, _default(item.value, constants), " ".join(doc.split()),
+                           _choices_from(key) if key in CHOICES_FROM else choices.get(name, ()), rules.get(name, "")))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> tuple[Setting, ...]:
+    """Every leaf setting, in RunConfig's order then each section's, read from the source files
+    (tests/test_config.py checks them against the imported dataclasses)."""
+    return tuple(_class_settings(__name__, "RunConfig", "", ast.parse(Path(__file__).read_text())))
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value) if value else '""'
+    return '""' if value == "" else "unset" if value is None else str(value)
+
+
+def _help(setting: Setting) -> str:
+    kind = {"bool": "true, false", "int": "an integer", "float": "a number"}.get(setting.type, "")
+    if setting.type.startswith("list"):
+        allowed = "a comma-separated list"
+    elif setting.choices:
+        allowed = ", ".join(setting.choices)
+    elif setting.type == "bool" or not setting.rule:
+        allowed = kind
+    else:  # "an integer >= 1", or "a number" + "in [0, 1)"
+        allowed = f"{kind} {setting.rule}" if setting.rule.startswith(("<", ">", "in ")) else setting.rule
+    text = f"{setting.doc} [default: {_shown(setting.default)}{'; allowed: ' + allowed if allowed else ''}]"
+    return text.replace("%", "%%")
+
+
+def _flag_converter(type_name: str):
+    if type_name.startswith("list"):
+        return _converter(list[str])
+    return {"bool": _parse_bool, "int": int, "float": float}.get(type_name, str)
+
+
+def closest_flag(flag: str) -> str | None:
+    """The setting a mistyped flag most likely meant: a leaf name (--rank: --adapter.rank), initials
+    (--lr: --learning_rate), a close spelling (--max_step: --max_steps), then a prefix."""
+    name = flag.lstrip("-").split("=", 1)[0]
+    keys = [s.key for s in settings()] + list(ALIASES)
+    leaves = {key.rsplit(".", 1)[-1]: key for key in reversed(keys)}  # a top-level key wins over a leaf
+    initials = {"".join(word[0] for word in leaf.split("_") if word): key for leaf, key in leaves.items()}
+    for table in (leaves, initials):
+        if name in table:
+            return f"--{table[name]}"
+    close = difflib.get_close_matches(name, keys + list(leaves), n=1, cutoff=0.6)
+    if close:
+        return f"--{leaves.get(close[0], close[0])}" if close[0] not in keys else f"--{close[0]}"
+    prefixed = [key for key in keys if key.startswith(name) or key.rsplit(".", 1)[-1].startswith(name)]
+    return f"--{prefixed[0]}" if prefixed else None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)  # all-linear stays whole
+
+
 class _Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [e for e in extras if e.startswith("-")]
+            hint = closest_flag(flags[0]) if flags else None
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" (did you mean {hint}?)" if hint else ""))
+        return namespace
+
     def error(self, message: str):
         """A bad flag is a ValueError like any bad setting: one line, exit code 2 (launch/train.py)."""
         raise ValueError(f"{message}; see --help for the settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="ds_bilevel training", argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file of settings; command-line flags override it")
+    """The command line of launch/train.py: one flag per setting, with its docstring, default and
+    allowed values as help; no prefix abbreviations. Imports nothing heavy (--help answers at once)."""
+    parser = _Parser(description="Train an adapter with DeepSpeed (ds_bilevel). Every setting below is a "
+                     "flag, also settable in a YAML file given with --config (nested: adapter: {rank: 16}); "
+                     "precedence: defaults < the DeepSpeed JSON's batch sizes < YAML < flags. docs/usage.md "
+                     "explains them.", usage="%(prog)s [-h] [--config YAML] [--SETTING VALUE ...]",
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings; command-line flags override it")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
-    types = flat_field_types()
-    for key, hint in types.items():
-        names = [f"--{key}"] + [f"--{a}" for a, target in ALIASES.items() if target == key]
-        parser.add_argument(*names, dest=key, type=_converter(hint), metavar=key.rsplit(".", 1)[-1].upper())
+    groups = {"": parser.add_argument_group("run settings")}
+    for name in SECTIONS:
+        groups[name] = parser.add_argument_group(f"{name} settings (--{name}.*)")
+    for setting in settings():
+        names = [f"--{setting.key}"] + [f"--{a}" for a, target in ALIASES.items() if target == setting.key]
+        metavar = ("{" + ",".join(setting.choices) + "}" if setting.choices else
+                   "{true,false}" if setting.type == "bool" else setting.key.rsplit(".", 1)[-1].upper())
+        groups[setting.key.rpartition(".")[0]].add_argument(
+            *names, dest=setting.key, type=_flag_converter(setting.type), metavar=metavar, help=_help(setting))
     return parser
 
 
@@ -264,16 +510,11 @@ def field_docs(cls) -> dict[str, str]:
 def settings_markdown() -> str:
     """The settings table of docs/usage.md: ``python -m ds_bilevel.config`` prints it."""
     rows = ["| setting | default | meaning |", "|---|---|---|"]
-    sections = [("", RunConfig), ("adapter.", AdapterConfig), ("data.", DataConfig), ("bilevel.", BilevelConfig)]
-    for prefix, cls in sections:
-        docs, defaults = field_docs(cls), cls()
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(getattr(defaults, f.name)):
-                continue
-            default = getattr(defaults, f.name)
-            shown = ",".join(default) if isinstance(default, list) else default
-            text = docs.get(f.name, "").replace(" | ", " / ").replace("||", "‖")
-            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {text} |")
+    for setting in settings():
+        default = setting.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        text = setting.doc.replace(" | ", " / ").replace("||", "‖")
+        rows.append(f"| `{setting.key}` | `{shown}` | {text} |")
     return "\n".join(rows)
 
 
