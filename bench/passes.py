@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ds_bilevel.hypergrad import HYPERGRADS, BilevelConfig, Objective
+from ds_bilevel.adapters.registry import METHODS
+from ds_bilevel.hypergrad import HYPERGRADS, BilevelConfig
+from ds_bilevel.levels import Objective, StepKind, TrainingMode
 from ds_bilevel.schedule import events
-
-MODES = {"lora": "one_level", "dora": "one_level", "bilora": "bilevel", "bidora": "bilevel",
-         "bilora_sam": "sharpness"}
-"""Each method's training mode (the ``training_mode`` its adapter layer declares)."""
 
 
 class CountingProblem:
@@ -53,9 +51,10 @@ def passes_per_outer_step(config: BilevelConfig) -> int:
 def passes_per_inner_step(method: str, config: BilevelConfig | None = None, inner_steps: int = 60) -> float:
     """Passes per inner step over ``inner_steps`` steps of the method's schedule."""
     config = config or BilevelConfig()
-    outer_cost = passes_per_outer_step(config) if MODES[method] == "bilevel" else 0
-    total = sum(outer_cost if kind == "outer" else 1
-                for kind, _ in events(MODES[method], inner_steps, config.unroll_steps, config.outer_steps))
+    mode = METHODS[method].training_mode
+    outer_cost = passes_per_outer_step(config) if mode is TrainingMode.BILEVEL else 0
+    total = sum(outer_cost if kind == StepKind.OUTER else 1
+                for kind, _ in events(mode, inner_steps, config.unroll_steps, config.outer_steps))
     return total / inner_steps
 
 

@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import torch
 
-from ds_bilevel.adapters.base import AdapterLayer, gathered
-from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
+from ds_bilevel.adapters.base import AdapterLayer
+from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.config import RunConfig
 from ds_bilevel.ds_config import offloads_optimizer, zero_stage
-from ds_bilevel.hypergrad import HYPERGRADS, Objective
-from ds_bilevel.levels import Level, adapter_layers, level_parameters, set_regularization
+from ds_bilevel.hypergrad import HYPERGRADS
+from ds_bilevel.levels import (
+    Level,
+    Objective,
+    TrainingMode,
+    adapter_layers,
+    level_parameters,
+    set_regularization,
+    training_mode,
+)
 from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import LevelScheduler, build_optimizer, build_param_groups
 from ds_bilevel.schedule import Batch, outer_step_count
@@ -38,20 +46,14 @@ from ds_bilevel.zero_access import (
     write_compute_weight,
 )
 
-# The regularisers each objective includes: R1 (and BiDoRA's direction term) belong to the
-# inner objective, the binary lambda penalty R2 to the outer one.
-OBJECTIVE_LEVEL = {Objective.INNER: Level.INNER, Objective.OUTER: Level.OUTER}
+
+def _scale_master_and_weight(param: torch.nn.Parameter, factor: torch.Tensor | float) -> None:
+    scale_master_(param, factor)
+    scale_compute_weight_(param, factor)
 
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def training_mode(model: torch.nn.Module) -> str:
-    modes = {layer.training_mode for _, layer in adapter_layers(model)}
-    if len(modes) != 1:
-        raise ValueError(f"adapter layers disagree on the training mode: {sorted(modes)}")
-    return modes.pop()
 
 
 def innermost_optimizer(optimizer):
@@ -65,9 +67,10 @@ class BilevelEngine:
         import deepspeed
 
         self.run, self.bilevel = run, run.bilevel
-        self.mode = training_mode(model)
-        for layer in auxiliary_layers(model):  # Bi-LoRA's ascent happens in backward
-            layer.ascend_in_backward = True
+        self.mode, self.method = training_mode(model), METHODS[run.adapter.method]
+        if self.mode is TrainingMode.SHARPNESS:  # the outer level's ascent happens in backward
+            for _, layer in adapter_layers(model):
+                layer.ascend_in_backward = True
         groups = {level: level_parameters(model, level) for level in Level}
         lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
         wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
@@ -124,7 +127,7 @@ class BilevelEngine:
 
         self._close_cycle()
         batch = self.batches[objective]
-        set_regularization(self.module, (OBJECTIVE_LEVEL[objective],), self.accumulation)
+        set_regularization(self.module, (objective.level,), self.accumulation)
         self.engine.train()
         summed = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for k, micro in enumerate(batch.micro_batches):
@@ -243,26 +246,14 @@ class BilevelEngine:
         self._step_levels((Level.INNER, Level.OUTER), self.losses[Objective.INNER])
         self.scheduler.step(Level.INNER)
         self.scheduler.step(Level.OUTER)
-        self.clip_auxiliary()
+        self._after_step()
         return self.losses[Objective.INNER]
 
-    def clip_auxiliary(self) -> torch.Tensor:
-        """c = sqrt(sum_j ||s B2_j A2_j||_F^2) over every auxiliary module, from the weights the
-        forward uses: whole on every rank at ZeRO 0-2, gathered in one call at ZeRO-3; the fp32
-        masters themselves in fp32, their bf16 rounding under bf16. c is the same on every rank.
-        Every rank scales its share of the masters and its compute weights of every B2 and A2 by
-        sqrt(rho / c) if c > rho, else by exactly 1 (bit for bit a no-op): no per-parameter
-        communication (it was 2 collectives per module, which cost Bi-LoRA more than its extra
-        adapter), and no host sync to decide (the factor stays on the device)."""
-        layers = auxiliary_layers(self.module)
-        params = [p for layer in layers for p in (layer.aux_A, layer.aux_B)]
-        with gathered(params), torch.no_grad():
-            norm = torch.stack([layer.auxiliary_sq_norm() for layer in layers]).sum().sqrt()
-        factor = clip_factor(norm, self.run.adapter.rho)
-        for param in params:
-            scale_master_(param, factor)
-            scale_compute_weight_(param, factor)
-        return norm
+    def _after_step(self) -> None:
+        """The method's own step hook (registry ``after_step``: Bi-LoRA's clip), scaling every rank's
+        share of the fp32 masters and its compute weights: no per-parameter communication."""
+        if self.method.after_step is not None:
+            self.method.after_step(self.module, self.run.adapter, _scale_master_and_weight)
 
     def start_retraining(self) -> None:
         """BiDoRA's retraining phase (arXiv 2410.09758, after the bi-level search): the outer level

@@ -7,7 +7,7 @@ reference answer, and it costs one forward instead of a generate loop. A classif
 labels) is scored by accuracy: the argmax class is the label.
 
 Evaluation scores the model the user gets: the exported one. Bi-LoRA's auxiliary (ascent)
-module is a training-time perturbation that the export drops (adapters/sam.py), so it is
+module is a training-time perturbation that the export drops (adapters/bilora_sam.py), so it is
 switched off for the evaluation's forwards (``inference_forward``) and back on afterwards.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ds_bilevel.adapters.bilora_sam import auxiliary_layers
 from ds_bilevel.data import IGNORE_INDEX, collate
 from ds_bilevel.losses import is_classification, loss_sum, predictions_right
 
@@ -38,8 +39,6 @@ def inference_forward(model: torch.nn.Module) -> Iterator[None]:
     """The model's forward as inference and the export compute it: every Bi-LoRA auxiliary
     module left out (its parameters stay as they are, at every ZeRO stage: the layer is
     gathered as usual, only the term is not added), restored on exit, errors included."""
-    from ds_bilevel.adapters.sam import auxiliary_layers
-
     layers = auxiliary_layers(model)
     saved = [layer.auxiliary_enabled for layer in layers]
     for layer in layers:

@@ -12,19 +12,82 @@ encoder's classification head): their parameters carry the level as a tag.
   one-level methods).
 - ``Level.OUTER``: the upper level (BiLoRA lambda, BiDoRA magnitude). For
   Bi-LoRA the auxiliary ascent module plays this role.
+
+The rest of the vocabulary lives here too, below everything that uses it: the two objectives
+(``Objective``), how a method trains its levels (``TrainingMode``), the kinds of step a schedule
+is made of (``StepKind``), and what a layer with levels offers (``LevelLayer``, which
+``adapters.base.AdapterLayer`` implements). This module imports nothing from the package.
 """
 
 from __future__ import annotations
 
+import abc
 from enum import Enum
 
 import torch
 from torch import nn
 
 
+class _Word(str, Enum):
+    """A str-valued enum that prints as its value (and compares and hashes as the string)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Level(str, Enum):
     INNER = "inner"
     OUTER = "outer"
+
+
+class Objective(_Word):
+    INNER = "inner"  # L_tr on a D1 batch (with the inner regularisers)
+    OUTER = "outer"  # L_val on a D2 batch (with the outer regularisers)
+
+    @property
+    def level(self) -> Level:
+        """The level whose regularisers the objective includes: R1 (and BiDoRA's direction term) the
+        inner objective, the binary lambda penalty R2 the outer one."""
+        return Level(self.value)
+
+
+class TrainingMode(_Word):
+    """How a method trains its levels (declared by its adapter layer)."""
+
+    ONE_LEVEL = "one_level"  # lora, dora: only the inner level exists
+    BILEVEL = "bilevel"  # bilora, bidora: inner steps on D1, outer steps on D2 with a hypergradient
+    SHARPNESS = "sharpness"  # bilora_sam: one pass, inner descends, outer (auxiliary) ascends
+
+
+class StepKind(_Word):
+    """The kinds of step a schedule is made of (schedule.events)."""
+
+    INNER = "inner"
+    OUTER = "outer"
+    SHARPNESS = "sharpness"
+    RETRAIN = "retrain"  # an inner step of the retraining phase (on D1 + D2)
+
+
+class LevelLayer(abc.ABC):
+    """What a module with parameters in levels offers (adapters.base.AdapterLayer implements it):
+    its parameters of each level, its weighted regulariser of each level, and a switch that makes
+    its forward attach chosen regularisers to its output. Layers are found by this type, never by
+    parameter names."""
+
+    training_mode: TrainingMode = TrainingMode.ONE_LEVEL
+
+    @abc.abstractmethod
+    def level_parameters(self, level: Level) -> list[tuple[str, nn.Parameter]]:
+        """(local name, parameter) of this layer's own parameters of ``level``."""
+
+    @abc.abstractmethod
+    def regularizer(self, level: Level) -> torch.Tensor | None:
+        """This layer's weighted regulariser of ``level`` (None when it has none)."""
+
+    @abc.abstractmethod
+    def attach_regularizers(self, levels: tuple[Level, ...], scale: float) -> None:
+        """From now on, the forward adds the regularisers of ``levels``, times ``scale``, to the
+        loss's gradient (see ``set_regularization``)."""
 
 
 # The attribute that tags a parameter outside adapter layers with its level (``assign_level``).
@@ -42,11 +105,17 @@ def is_tagged(param: nn.Parameter) -> bool:
     return hasattr(param, LEVEL_TAG)
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All adapter layers of ``model`` with their qualified names, in module order."""
-    from ds_bilevel.adapters.base import AdapterLayer
+def adapter_layers(model: nn.Module) -> list[tuple[str, LevelLayer]]:
+    """All adapter layers (``LevelLayer``) of ``model`` with their qualified names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LevelLayer)]
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+def training_mode(model: nn.Module) -> TrainingMode:
+    """The training mode every adapter layer of ``model`` declares."""
+    modes = {layer.training_mode for _, layer in adapter_layers(model)}
+    if len(modes) != 1:
+        raise ValueError(f"adapter layers disagree on the training mode: {sorted(modes)}")
+    return TrainingMode(modes.pop())
 
 
 def named_level_parameters(model: nn.Module, level: Level) -> list[tuple[str, nn.Parameter]]:
@@ -84,5 +153,4 @@ def set_regularization(model: nn.Module, levels: tuple[Level, ...], accumulation
     """
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
-        layer.attached_levels = tuple(levels)
-        layer.attached_scale = 1.0 / (len(layers) * accumulation_steps)
+        layer.attach_regularizers(tuple(levels), 1.0 / (len(layers) * accumulation_steps))

@@ -16,7 +16,6 @@ import torch
 
 from ds_bilevel import checkpoint
 from ds_bilevel.adapters import inject_adapters
-from ds_bilevel.adapters.base import gathered
 from ds_bilevel.adapters.inject import layer_kinds, named_base_parameters
 from ds_bilevel.config import RunConfig, config_to_dict
 from ds_bilevel.data import load_records, load_validation, tokenize
@@ -30,7 +29,7 @@ from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
 from ds_bilevel.phases import Phases
 from ds_bilevel.plot import plot_metrics
 from ds_bilevel.schedule import BatchSource, events, split_d1_d2
-from ds_bilevel.zero_access import master_value
+from ds_bilevel.zero_access import gathered, master_value
 
 
 def base_checksum(model: torch.nn.Module) -> str:

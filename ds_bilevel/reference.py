@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor
+from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.config import RunConfig
-from ds_bilevel.engine import OBJECTIVE_LEVEL, training_mode
-from ds_bilevel.hypergrad import HYPERGRADS, Objective
-from ds_bilevel.levels import Level, level_parameters, regularizer
+from ds_bilevel.hypergrad import HYPERGRADS
+from ds_bilevel.levels import Level, Objective, level_parameters, regularizer, training_mode
 from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import LevelAdamW, LevelScheduler, build_param_groups
 from ds_bilevel.schedule import Batch, outer_step_count
+from ds_bilevel.zero_access import scale_compute_weight_
 
 
 class ReferenceBilevel:
@@ -27,7 +27,7 @@ class ReferenceBilevel:
 
     def __init__(self, model: torch.nn.Module, run: RunConfig):
         self.model, self.run, self.bilevel = model, run, run.bilevel
-        self.mode = training_mode(model)
+        self.mode, self.method = training_mode(model), METHODS[run.adapter.method]
         self.params = {level: level_parameters(model, level) for level in Level}
         lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
         wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
@@ -49,7 +49,7 @@ class ReferenceBilevel:
         for k, batch in enumerate(micro_batches):  # one forward per global batch unless run_reference splits it
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = loss_sum(logits, batch["labels"]) / tokens
-            reg = regularizer(self.model, OBJECTIVE_LEVEL[objective]) if k == 0 else None
+            reg = regularizer(self.model, objective.level) if k == 0 else None
             (loss if reg is None else loss + reg).backward()
             data_loss += loss.item()
         self.losses[objective] = data_loss
@@ -108,13 +108,8 @@ class ReferenceBilevel:
         self.batches[Objective.INNER] = batch
         inner, outer = self.gradients(Objective.INNER)
         self._apply({Level.INNER: inner, Level.OUTER: [-g for g in outer]})
-        with torch.no_grad():
-            layers = auxiliary_layers(self.model)
-            norm = torch.stack([layer.auxiliary_sq_norm() for layer in layers]).sum().sqrt()
-            factor = clip_factor(norm, self.run.adapter.rho)
-            for layer in layers:
-                layer.aux_A.mul_(factor)
-                layer.aux_B.mul_(factor)
+        if self.method.after_step is not None:  # Bi-LoRA's clip: the engine's function, on plain tensors
+            self.method.after_step(self.model, self.run.adapter, scale_compute_weight_)
         return self.losses[Objective.INNER]
 
     @torch.no_grad()

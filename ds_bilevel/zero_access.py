@@ -1,8 +1,10 @@
 """Read and write trained parameters and their gradients at any ZeRO stage, between backward and step.
 
-Everything goes through DeepSpeed's supported accessors (``deepspeed.utils.safe_*``) where
-they exist. Full tensors are returned on every rank; the reads are collectives under ZeRO,
-so every rank must call them for the same parameters in the same order.
+Also ``gathered``: the whole value of ZeRO-3 partitioned parameters for the length of a block
+(a base weight read outside the forward). Everything goes through DeepSpeed's supported
+accessors (``deepspeed.utils.safe_*``) where they exist. Full tensors are returned on every
+rank; the reads are collectives under ZeRO, so every rank must call them for the same
+parameters in the same order.
 
 Two copies of a trained parameter exist under mixed precision: the fp32 *master* held by
 the optimizer and the *compute* weight (bf16) the forward uses. Perturbing the compute
@@ -12,10 +14,31 @@ restore is exact at every stage.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned ``params`` for the block (a no-op for ordinary tensors).
+
+    Must be entered on every rank at once. Gathers only what it is given: callers
+    pass one layer at a time so that the whole model is never materialised.
+    """
+    if any(is_zero3_partitioned(p) for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
 
 
 def master_value(param: nn.Parameter) -> torch.Tensor:

@@ -9,7 +9,7 @@ from launch_helpers import launch, run_summary, write_ds_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ds_bilevel.adapters.sam import auxiliary_layers
+from ds_bilevel.adapters.bilora_sam import auxiliary_layers
 from ds_bilevel.config import config_from_flat
 from ds_bilevel.evaluation import inference_forward, local_totals, metrics_from_totals, rank_shard
 from ds_bilevel.export import export

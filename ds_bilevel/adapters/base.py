@@ -11,12 +11,16 @@ weight (in, out): ``base_weight()`` gives it as (out, in) either way, as PEFT's
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ds_bilevel.levels import Level
+from ds_bilevel.levels import Level, LevelLayer, TrainingMode
+from ds_bilevel.zero_access import gathered
+
+if TYPE_CHECKING:  # annotations only: adapters/config.py reads the method registry, above this file
+    from ds_bilevel.adapters.config import AdapterConfig
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -34,26 +38,6 @@ def layer_features(module: nn.Module) -> tuple[int, int] | None:
     if is_conv1d(module):
         return module.nx, module.nf
     return None
-
-
-def is_zero3_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-@contextlib.contextmanager
-def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """Gather ZeRO-3 partitioned ``params`` for the block (a no-op for ordinary tensors).
-
-    Must be entered on every rank at once. Gathers only what it is given: callers
-    pass one layer at a time so that the whole model is never materialised.
-    """
-    if any(is_zero3_partitioned(p) for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-            yield
-    else:
-        yield
 
 
 class _AttachRegularizer(torch.autograd.Function):
@@ -74,17 +58,21 @@ class _AttachRegularizer(torch.autograd.Function):
         return grad_output, grad_output.new_ones(ctx.reg_shape, dtype=torch.float32)
 
 
-class AdapterLayer(nn.Module):
-    """A frozen ``base_layer`` plus trainable adapter parameters split into two levels.
+class AdapterLayer(nn.Module, LevelLayer):
+    """A frozen ``base_layer`` plus trainable adapter parameters split into two levels
+    (``levels.LevelLayer``).
 
-    Subclasses implement ``adapted_forward``, ``merged_weight`` and ``_level_names`` and
-    may override ``regularizer``. The base weight is frozen here, once. ``training_mode``
-    tells the engine how the levels are trained: "one_level" (both... only inner exists),
-    "bilevel" (inner on D1, outer on D2 with a hypergradient) or "sharpness" (inner
-    descends, outer ascends, in one pass).
+    Subclasses implement ``from_config``, ``adapted_forward``, ``merged_weight`` and
+    ``_level_names``, and may override ``regularizer`` and ``rank_fields``. The base weight is
+    frozen here, once. ``training_mode`` tells the engine how the levels are trained:
+    ``TrainingMode.ONE_LEVEL`` (only the inner level exists), ``BILEVEL`` (inner on D1, outer on
+    D2 with a hypergradient) or ``SHARPNESS`` (inner descends, outer ascends, in one pass).
     """
 
-    training_mode = "one_level"
+    training_mode = TrainingMode.ONE_LEVEL
+    ascend_in_backward = False
+    """Set by the engine in ``TrainingMode.SHARPNESS``: the outer level's parameters receive
+    -dL/dparam from backward (the ascent, with no extra pass); a layer of that mode honours it."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -102,10 +90,16 @@ class AdapterLayer(nn.Module):
         # Dropout hits the adapter path only (the released BiDoRA code also dropped
         # the frozen path, which changes the pretrained function).
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Set by ``set_regularization``: which levels' regularisers the forward attaches to
+        # Set by ``attach_regularizers`` (levels.set_regularization): which levels' regularisers the forward attaches to
         # its output, and the factor each gets (1 / (layers x accumulation steps)).
         self.attached_levels: tuple[Level, ...] = ()
         self.attached_scale = 1.0
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
+        """This method's layer around ``base_layer``, with the settings of ``config`` it reads
+        (inject_adapters builds every layer through it)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.adapted_forward(x)
@@ -142,6 +136,9 @@ class AdapterLayer(nn.Module):
     def regularizer(self, level: Level) -> torch.Tensor | None:
         """This layer's weighted regulariser for ``level`` (None when it has none)."""
         return None
+
+    def attach_regularizers(self, levels: tuple[Level, ...], scale: float) -> None:
+        self.attached_levels, self.attached_scale = tuple(levels), scale
 
     # ---- merging ---------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:

@@ -12,18 +12,22 @@ with D = (W0 + s B A) / ||W0 + s B A||_row, (out, in).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ds_bilevel.adapters.config import AdapterConfig
 from ds_bilevel.adapters.dora import DoraLayer
-from ds_bilevel.levels import Level
+from ds_bilevel.levels import Level, TrainingMode
+
+if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
+    from ds_bilevel.adapters.config import AdapterConfig
 
 
 class BiDoraLayer(DoraLayer):
     """Direction (lora_A, lora_B) inner; magnitude outer."""
 
-    training_mode = "bilevel"
+    training_mode = TrainingMode.BILEVEL
     # Not DoRA's detach: the released BiDoRA code (t2ance/BiDoRA) differentiates through the
     # norm, and the hypergradient differentiates the inner gradient again (H, J): with the norm
     # detached that "gradient" is not the gradient of the inner loss, and neumann/cg converge

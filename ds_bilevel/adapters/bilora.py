@@ -14,19 +14,27 @@ are documented in docs/methods.md:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ds_bilevel.adapters.base import AdapterLayer, kaiming_uniform_
-from ds_bilevel.adapters.config import LAMBDA_PARAMS, AdapterConfig
-from ds_bilevel.levels import Level
+from ds_bilevel.levels import Level, TrainingMode
+
+if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
+    from ds_bilevel.adapters.config import AdapterConfig
+
+
+# How the pseudo singular values lambda are parameterised (adapter.lambda_param).
+LAMBDA_PARAMS = ("real", "softmax", "binary")
 
 
 class BiLoraLayer(AdapterLayer):
     """P, Q inner; the raw pseudo singular values ``lambda_raw`` outer."""
 
-    training_mode = "bilevel"
+    training_mode = TrainingMode.BILEVEL
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  lambda_param: str = "softmax", orth_reg_weight: float = 0.1,
@@ -99,3 +107,9 @@ class BiLoraLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lambda={self.lambda_param}"
+
+
+def peft_form(layer: BiLoraLayer) -> dict[str, torch.Tensor]:
+    """PEFT LoRA's tensors of the same forward: A' = Q, B' = P diag(lambda) (P (out, r) times
+    lambda (r,) scales P's columns), same r and alpha: s B' A' = s P diag(lambda) Q."""
+    return {"lora_A.weight": layer.lora_Q, "lora_B.weight": layer.lora_P * layer.lambdas()}

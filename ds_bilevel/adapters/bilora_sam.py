@@ -17,16 +17,19 @@ bounds s B2 A2 itself, so s only sets the size of the auxiliary gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_bilevel.adapters.base import gathered, kaiming_uniform_
-from ds_bilevel.adapters.config import AdapterConfig
+from ds_bilevel.adapters.base import kaiming_uniform_
 from ds_bilevel.adapters.lora import LoraLayer
-from ds_bilevel.levels import Level
-from ds_bilevel.zero_access import scale_compute_weight_
+from ds_bilevel.levels import Level, TrainingMode
+from ds_bilevel.zero_access import gathered, scale_compute_weight_
+
+if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
+    from ds_bilevel.adapters.config import AdapterConfig
 
 
 class _AscendingLowRank(torch.autograd.Function):
@@ -56,9 +59,7 @@ class _AscendingLowRank(torch.autograd.Function):
 class BiLoraSamLayer(LoraLayer):
     """Primary (lora_A, lora_B) inner; auxiliary (aux_A, aux_B) outer."""
 
-    training_mode = "sharpness"
-    ascend_in_backward = False
-    """True: aux_A and aux_B receive -dL/dparam from backward (the engine's ascent)."""
+    training_mode = TrainingMode.SHARPNESS
     auxiliary_enabled = True
     """False: the forward leaves s B2 A2 out, computing the model that inference and the export
     get (W0 + s B1 A1); evaluation turns it off for its duration (evaluation.inference_forward)."""
@@ -113,27 +114,32 @@ def auxiliary_layers(model: nn.Module) -> list[BiLoraSamLayer]:
     return [m for m in model.modules() if isinstance(m, BiLoraSamLayer)]
 
 
-def auxiliary_sq_norm(model: nn.Module) -> torch.Tensor:
-    """sum_j ||s B2_j A2_j||_F^2 over this process's auxiliary modules, an fp32 scalar.
+def auxiliary_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every aux_A and aux_B of ``model``, layer by layer."""
+    return [p for layer in auxiliary_layers(model) for p in (layer.aux_A, layer.aux_B)]
 
-    Each layer's auxiliary pair is gathered on its own under ZeRO-3 (collective: call on
-    every rank), so there every rank gets the full sum and must not all-reduce it again.
-    """
-    total = torch.zeros(())
-    for layer in auxiliary_layers(model):
-        with gathered([layer.aux_A, layer.aux_B]), torch.no_grad():
-            sq = layer.auxiliary_sq_norm()
-        total = total.to(sq.device) + sq
-    return total
+
+def auxiliary_sq_norm(model: nn.Module) -> torch.Tensor:
+    """sum_j ||s B2_j A2_j||_F^2 over the auxiliary modules of ``model``, an fp32 scalar, from the
+    weights the forward uses: whole at ZeRO 0-2, gathered in one call at ZeRO-3 (collective: call
+    on every rank; every rank then gets the full sum and must not all-reduce it again)."""
+    layers = auxiliary_layers(model)
+    if not layers:
+        return torch.zeros(())
+    with gathered(auxiliary_parameters(model)), torch.no_grad():
+        return torch.stack([layer.auxiliary_sq_norm() for layer in layers]).sum()
+
+
+ScaleFn = Callable[[nn.Parameter, torch.Tensor | float], None]
+"""Multiplies a trained parameter by a factor in place: its compute weight by default
+(``zero_access.scale_compute_weight_``); an engine that keeps fp32 masters scales those too."""
 
 
 @torch.no_grad()
-def scale_auxiliary_(model: nn.Module, factor: torch.Tensor | float) -> None:
-    """Multiply every aux_A and aux_B of ``model`` by ``factor`` in place (module tensors only:
-    an engine that keeps fp32 master copies must scale those)."""
-    for layer in auxiliary_layers(model):
-        for param in (layer.aux_A, layer.aux_B):
-            scale_compute_weight_(param, factor)
+def scale_auxiliary_(model: nn.Module, factor: torch.Tensor | float, scale_: ScaleFn = scale_compute_weight_) -> None:
+    """Multiply every aux_A and aux_B of ``model`` by ``factor`` in place, with ``scale_``."""
+    for param in auxiliary_parameters(model):
+        scale_(param, factor)
 
 
 def clip_factor(norm: torch.Tensor | float, rho: float) -> torch.Tensor:
@@ -143,17 +149,27 @@ def clip_factor(norm: torch.Tensor | float, rho: float) -> torch.Tensor:
     return torch.where(norm > rho, (rho / norm.clamp_min(rho)).sqrt(), torch.ones_like(norm))
 
 
-def clip_auxiliary_(model: nn.Module, rho: float,
-                    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Global clip of the auxiliary modules to sqrt(sum_j ||s B2_j A2_j||_F^2) <= rho; returns c.
+def clip_auxiliary_(model: nn.Module, rho: float, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    scale_: ScaleFn = scale_compute_weight_) -> torch.Tensor:
+    """The global clip of the auxiliary modules to c = sqrt(sum_j ||s B2_j A2_j||_F^2) <= rho;
+    returns c. The one implementation: the engine and the reference both call it (through
+    ``after_step``).
 
-    ``all_reduce`` sums the squared norm over processes that hold disjoint shares of the
-    auxiliary modules (leave it None when every process sees them all). Below the radius
-    nothing is touched, bit for bit.
+    c is the same on every rank (``auxiliary_sq_norm``); every rank scales its share of every
+    B2 and A2 by sqrt(rho / c) if c > rho, else by exactly 1 (bit for bit a no-op), with
+    ``scale_``: no per-parameter communication and no host sync to decide (the factor stays on
+    the device). ``all_reduce`` sums the squared norm over processes that hold disjoint shares
+    of the auxiliary modules (leave it None when every process sees them all).
     """
     sq = auxiliary_sq_norm(model)
     if all_reduce is not None:
         sq = all_reduce(sq)
     norm = sq.sqrt()
-    scale_auxiliary_(model, clip_factor(norm, rho))
+    scale_auxiliary_(model, clip_factor(norm, rho), scale_)
     return norm
+
+
+def after_step(model: nn.Module, config: AdapterConfig, scale_: ScaleFn) -> None:
+    """Bi-LoRA's projection after each optimizer step (the method registry's ``after_step``):
+    the global clip to ``config.rho``."""
+    clip_auxiliary_(model, config.rho, scale_=scale_)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ds_bilevel.adapters.bilora import LAMBDA_PARAMS
+from ds_bilevel.adapters.registry import method
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The default: every linear layer of the transformer blocks, not the output head (PEFT's
 # target_modules="all-linear"); adapters/inject.py resolves it against the model.
 ALL_LINEAR = "all-linear"
-LAMBDA_PARAMS = ("real", "softmax", "binary")
 
 
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """lora | dora (one-level baselines) | bilora | bidora | bilora_sam (``ds_bilevel.adapters.METHODS``)."""
+    """lora | dora (one-level baselines) | bilora | bidora | bilora_sam (``adapters.registry.METHODS``)."""
     rank: int = 8
     """r: rank of the low-rank update."""
     alpha: float = 16.0
@@ -49,12 +51,11 @@ class AdapterConfig:
     """Bi-LoRA (bilora_sam): radius of the global clip sqrt(sum ||s B2 A2||_F^2) <= rho."""
 
     def validate(self) -> None:
-        from ds_bilevel.adapters import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"adapter.method: {self.method!r} is not one of {sorted(METHODS)}")
-        if self.detach_norm is None:
-            self.detach_norm = getattr(METHODS[self.method], "detach_norm_default", True)
+        for name, value in method(self.method).defaults.items():  # a ValueError for an unknown method
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.detach_norm is None:  # a method that never reads it
+            self.detach_norm = True
         if not isinstance(self.detach_norm, bool):
             raise ValueError(f"adapter.detach_norm: {self.detach_norm!r} must be true or false (unset: the "
                              f"method's default)")

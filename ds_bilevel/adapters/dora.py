@@ -6,14 +6,19 @@ makes that ``dim=1``. m starts at ||W0||_row, so the layer is a no-op at init.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_bilevel.adapters.base import gathered
-from ds_bilevel.adapters.config import AdapterConfig
 from ds_bilevel.adapters.lora import LoraLayer
+from ds_bilevel.adapters.lora import peft_form as lora_peft_form
 from ds_bilevel.levels import Level
+from ds_bilevel.zero_access import gathered
+
+if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
+    from ds_bilevel.adapters.config import AdapterConfig
 
 
 class DoraLayer(LoraLayer):
@@ -62,3 +67,8 @@ class DoraLayer(LoraLayer):
         weight = self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)
         scale = self.magnitude / weight.norm(p=2, dim=1)
         return (scale.unsqueeze(1) * weight).to(self.base_layer.weight.dtype)
+
+
+def peft_form(layer: DoraLayer) -> dict[str, torch.Tensor]:
+    """PEFT DoRA's tensors (use_dora): A, B and the magnitude vector."""
+    return {**lora_peft_form(layer), "lora_magnitude_vector": layer.magnitude}

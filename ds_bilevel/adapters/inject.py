@@ -6,6 +6,7 @@ from torch import nn
 
 from ds_bilevel.adapters.base import AdapterLayer, layer_features
 from ds_bilevel.adapters.config import ALL_LINEAR, AdapterConfig
+from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.levels import is_tagged
 
 
@@ -50,15 +51,13 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, exclude: tuple[str,
     that matches nothing is an error listing the model's linear layers. Layers inside
     the modules named in ``exclude`` (a classification head, trained whole) are never adapted.
     """
-    from ds_bilevel.adapters import METHODS
-
     config.validate()
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ValueError("model already holds adapter layers; inject into a fresh base model")
     names = target_layer_names(model, config, exclude)
     model.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, METHODS[config.method].from_config(model.get_submodule(name), config))
+        _set_submodule(model, name, METHODS[config.method].layer.from_config(model.get_submodule(name), config))
     return names
 
 
@@ -87,9 +86,7 @@ def target_layer_names(model: nn.Module, config: AdapterConfig, exclude: tuple[s
     ``all-linear`` selects every nn.Linear and Conv1D but the output head and the excluded modules
     (a classifier's head): the transformer blocks' projections in every family tested (docs/usage.md).
     """
-    from ds_bilevel.adapters import METHODS
-
-    layer_cls = METHODS[config.method]
+    layer_cls = METHODS[config.method].layer
     linears = [n for n in linear_layer_names(model) if not any(n == e or n.startswith(e + ".") for e in exclude)]
     short = sorted({n.rsplit(".", 1)[-1] for n in linears})
     if config.target_modules == [ALL_LINEAR]:

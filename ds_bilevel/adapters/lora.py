@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ds_bilevel.adapters.base import AdapterLayer, kaiming_uniform_
-from ds_bilevel.adapters.config import AdapterConfig
 from ds_bilevel.levels import Level
+
+if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
+    from ds_bilevel.adapters.config import AdapterConfig
 
 
 class LoraLayer(AdapterLayer):
@@ -41,3 +45,8 @@ class LoraLayer(AdapterLayer):
 
     def merged_weight(self) -> torch.Tensor:
         return self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)
+
+
+def peft_form(layer: LoraLayer) -> dict[str, torch.Tensor]:
+    """The layer's tensors under PEFT LoRA's names (export/peft_format.py): A and B as they are."""
+    return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}

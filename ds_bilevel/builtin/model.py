@@ -7,6 +7,8 @@ import contextlib
 
 import torch
 
+from ds_bilevel.zero_access import gathered
+
 BUILTIN_PREFIX = "builtin:"
 
 # name -> LlamaConfig kwargs. Sizes are chosen to train in seconds on 2 CPU cores.
@@ -121,8 +123,6 @@ def seeded_init_(model: torch.nn.Module, seed: int, std: float, prefix: str = ""
     and run of one device type, but a GPU's generator gives other values than the CPU's.
     ``prefix``: the module's qualified name when it is part of a model (a head)."""
     import zlib
-
-    from ds_bilevel.adapters.base import gathered
 
     for name, param in model.named_parameters():
         with gathered([param], modifier_rank=0):

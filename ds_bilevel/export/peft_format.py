@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ds_bilevel.adapters import AdapterConfig, AdapterLayer
+from ds_bilevel.adapters import METHODS, AdapterConfig, AdapterLayer
 from ds_bilevel.adapters.config import ALL_LINEAR
 from ds_bilevel.export.base_source import Base, TensorSpec
 from ds_bilevel.export.merged import adapted_weights, write_model_folder, write_tokenizer
@@ -38,27 +38,10 @@ PEFT_PREFIX = "base_model.model."
 BASE_SUBFOLDER = "base"
 
 
-def lora_form(layer: AdapterLayer) -> dict[str, torch.Tensor]:
-    return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
-
-
-def dora_form(layer: AdapterLayer) -> dict[str, torch.Tensor]:
-    return {**lora_form(layer), "lora_magnitude_vector": layer.magnitude}
-
-
-def bilora_form(layer: AdapterLayer) -> dict[str, torch.Tensor]:
-    # P (out, r) * lambda (r,) scales P's columns: P diag(lambda).
-    return {"lora_A.weight": layer.lora_Q, "lora_B.weight": layer.lora_P * layer.lambdas()}
-
-
-# method -> (PEFT tensors of one layer, use_dora). A method missing here has no exact PEFT form.
+# method -> (PEFT tensors of one layer, use_dora), read off the method registry (each layer file
+# defines its form). A method missing here has no exact PEFT form.
 PEFT_FORMS: dict[str, tuple[Callable[[AdapterLayer], dict[str, torch.Tensor]], bool]] = {
-    "lora": (lora_form, False),
-    "dora": (dora_form, True),
-    "bidora": (dora_form, True),
-    "bilora": (bilora_form, False),
-    "bilora_sam": (lora_form, False),
-}
+    name: (method.peft_form, method.peft_use_dora) for name, method in METHODS.items() if method.peft_form is not None}
 
 
 def module_names(specs: list[TensorSpec]) -> set[str]:

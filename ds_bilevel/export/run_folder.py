@@ -100,7 +100,7 @@ class AdapterFile:
 
     def __init__(self, run: RunFolder):
         self.path, self.config = run.path / ADAPTER_FILE, run.adapter
-        self.layer_cls: type[AdapterLayer] = METHODS[run.method]
+        self.layer_cls: type[AdapterLayer] = METHODS[run.method].layer
         self.param_names = self._param_names()
         with safe_open(str(self.path), "pt") as f:
             saved = list(f.keys())

@@ -13,17 +13,13 @@ the inner regularisers), L_val the outer objective (on D2, with the outer regula
 from __future__ import annotations
 
 import math
-from enum import Enum
 from typing import Protocol
 
 import torch
 
+from ds_bilevel.levels import Objective
+
 Tensors = list[torch.Tensor]
-
-
-class Objective(str, Enum):
-    INNER = "inner"  # L_tr on a D1 batch
-    OUTER = "outer"  # L_val on a D2 batch
 
 
 class BilevelProblem(Protocol):

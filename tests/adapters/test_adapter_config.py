@@ -14,7 +14,8 @@ from ds_bilevel.adapters import METHODS, AdapterConfig
 
 def test_registry_holds_the_five_methods_each_buildable_from_config():
     assert sorted(METHODS) == ["bidora", "bilora", "bilora_sam", "dora", "lora"]
-    for name, cls in METHODS.items():
+    for name, method in METHODS.items():
+        cls = method.layer
         layer = cls.from_config(nn.Linear(16, 12), AdapterConfig(method=name, rank=2, aux_rank=2))
         assert isinstance(layer, cls) and layer.scaling == 8.0
 

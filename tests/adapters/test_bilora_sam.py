@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_bilevel.adapters import BiLoraSamLayer, auxiliary_sq_norm, clip_auxiliary_, merge_adapters
-from ds_bilevel.adapters.sam import auxiliary_layers, clip_factor, scale_auxiliary_
+from ds_bilevel.adapters.bilora_sam import auxiliary_layers, clip_factor, scale_auxiliary_
 
 RHO = 0.05
 

@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
 from ds_bilevel.config import RunConfig
-from ds_bilevel.engine import OBJECTIVE_LEVEL
 from ds_bilevel.hypergrad import HYPERGRADS, BilevelConfig, Objective
 from ds_bilevel.levels import Level, adapter_layers, level_parameters, regularizer
 from ds_bilevel.losses import loss_sum
@@ -101,7 +100,7 @@ def exact_mixed_product(reference: ReferenceBilevel, v, rng_state):
     (micro,) = batch.micro_batches
     logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
     loss = loss_sum(logits, micro["labels"]) / batch.labelled_tokens
-    reg = regularizer(model, OBJECTIVE_LEVEL[Objective.INNER])
+    reg = regularizer(model, Objective.INNER.level)
     grad_w = torch.autograd.grad(loss if reg is None else loss + reg, inner, create_graph=True)
     return torch.autograd.grad(sum((g * d).sum() for g, d in zip(grad_w, v, strict=True)), outer)
 
