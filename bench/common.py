@@ -98,12 +98,15 @@ def timed_parser(name: str, doc: str):
     """The options every timed comparison shares (repeats, steps, model, DeepSpeed config, ranks)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m bench {name}", description=doc.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(prog=f"python -m bench {name}", description=doc.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of runs, every configuration once per round in turn (medians reported)")
     parser.add_argument("--steps", type=int, default=60, help=f"steps per run (the first {WARMUP} untimed)")
-    parser.add_argument("--model", default="builtin:tiny-llama")
-    parser.add_argument("--ds_config", default="ds_configs/cpu_zero2.json")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--model", default="builtin:tiny-llama", help="model of every run: a builtin name or an HF "
+                        "folder")
+    parser.add_argument("--ds_config", default="ds_configs/cpu_zero2.json", help="DeepSpeed config of every run")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks per run (deepspeed --num_gpus)")
     return parser
 
 

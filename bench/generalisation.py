@@ -286,20 +286,46 @@ def run_seeds(study: StudyConfig, world: WorldConfig, methods, seeds, context) -
     return runs
 
 
+STUDY_HELP = {  # python -m bench generalisation --help
+    "n_train": "training examples of the noisy task",
+    "noise": "share of training labels flipped",
+    "n_test": "clean test examples",
+    "negation": 'share of task examples negated ("not" flips the label)',
+    "seeds": "seeds per method (each draws its own examples and flipped labels)",
+    "methods": f"methods compared, from {list(METHODS)}",
+    "base_rank": "LoRA's rank; the other methods' ranks match its parameter count",
+    "alpha": "adapter alpha of every method",
+    "target_modules": "comma-separated layers adapted",
+    "learning_rate": "the learning rate when --sweep_lrs is empty (else the sweep picks one)",
+    "sweep_lrs": "learning rates of the LoRA sweep on seed 0 that picks the shared rate (empty: no sweep)",
+    "max_steps": "training steps per run",
+    "micro_batch_size": "examples per rank per forward",
+    "gradient_accumulation_steps": "micro batches per optimizer step",
+    "eval_steps": "evaluate every N steps",
+    "hypergrad": "hypergradient of the bi-level methods",
+    "split_ratio": "share of the training data in D1 (bi-level methods)",
+    "ds_config": "DeepSpeed config of every run",
+    "master_port": "port of the runs' process groups",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.generalisation_report import write_report
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(prog="python -m bench generalisation", description=__doc__.split("\n\n")[0],
+                                     formatter_class=Formatter)
     defaults = StudyConfig()
     for f in fields(StudyConfig):
         value = getattr(defaults, f.name)
         if f.name == "sweep_lrs":
-            parser.add_argument("--sweep_lrs", nargs="*", type=float, default=value, help="empty: no sweep")
+            parser.add_argument("--sweep_lrs", nargs="*", type=float, default=value, help=STUDY_HELP[f.name])
         elif isinstance(value, list):
-            parser.add_argument(f"--{f.name}", nargs="+", default=value)
+            parser.add_argument(f"--{f.name}", nargs="+", default=value, help=STUDY_HELP[f.name])
         else:
-            parser.add_argument(f"--{f.name}", type=type(value), default=value)
+            parser.add_argument(f"--{f.name}", type=type(value), default=value, help=STUDY_HELP[f.name])
     parser.add_argument("--out", default=str(RESULTS), help="folder for generalisation.{json,md,png}")
     args = vars(parser.parse_args(argv))
     out = Path(args.pop("out"))

@@ -79,7 +79,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = timed_parser("peer", __doc__)
-    parser.add_argument("--methods", default="lora,dora")
+    parser.add_argument("--methods", default="lora,dora",
+                        help="comma-separated methods run by both ds_bilevel and HF PEFT (lora, dora)")
     options = parser.parse_args(argv)
     methods = options.methods.split(",")
     args = timed_args(options.model, options.steps, options.ds_config)

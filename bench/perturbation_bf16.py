@@ -132,17 +132,24 @@ def measure(shape, layers, rank, rules, modes, tokens, b_std, seed, eps=0.01):
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench perturbation_bf16", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench perturbation_bf16", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shape", default="mid-llama", help="a builtin shape (ds_bilevel/builtin/model.py)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4],
+                        help="decoder layers in the measured block, one measurement per count")
+    parser.add_argument("--rank", type=int, default=16, help="BiDoRA rank r on all seven projections")
     parser.add_argument("--rules", nargs="+", default=["absolute", "relative:0.001", "relative:0.003",
-                                                        "relative:0.01", "default"])
-    parser.add_argument("--modes", nargs="+", default=["fp32", "round", "bf16"], choices=["fp32", "round", "bf16"])
-    parser.add_argument("--tokens", type=int, default=16)
+                                                        "relative:0.01", "default"],
+                        help="step rules: absolute (radius eps), relative:RHO (max(eps, RHO ||w||)), default "
+                             "(hypergrad.problem.perturbation_radius for bf16)")
+    parser.add_argument("--modes", nargs="+", default=["fp32", "round", "bf16"], choices=["fp32", "round", "bf16"],
+                        help="fp32: fp32 weights, the same step; round: the perturbed inner weights rounded to bf16; "
+                             "bf16: the whole block in bf16")
+    parser.add_argument("--tokens", type=int, default=16,
+                        help="tokens per batch (one D1 and one D2 batch of random hidden states)")
     parser.add_argument("--b_std", type=float, default=0.005, help="std of the trained-state B factors")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, factors and input")
+    parser.add_argument("--output", default=str(RESULTS), help="JSON file the rows are written to")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()

@@ -23,8 +23,9 @@ ARGS = ["--model_name_or_path", "builtin:llama-2-7b-shape", "--method", "bidora"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench scale7b", description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="python -m bench scale7b", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks the 7B-shaped model is partitioned over")
     options = parser.parse_args(argv)
     info = machine()
     start = time.perf_counter()

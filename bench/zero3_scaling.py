@@ -59,12 +59,14 @@ def markdown(rows: list[dict], base: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench zero3_scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="builtin:mid-llama")
-    parser.add_argument("--baseline", default="builtin:micro-llama")
-    parser.add_argument("--ranks", default="1,2")
-    parser.add_argument("--ds_config", default="ds_configs/cpu_zero3.json")
-    parser.add_argument("--steps", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="python -m bench zero3_scaling", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="builtin:mid-llama", help="the model whose base dominates a rank's memory")
+    parser.add_argument("--baseline", default="builtin:micro-llama",
+                        help="a tiny model run the same way: its peak is the runtime alone, subtracted from --model's")
+    parser.add_argument("--ranks", default="1,2", help="comma-separated world sizes, one run of each model per size")
+    parser.add_argument("--ds_config", default="ds_configs/cpu_zero3.json", help="the ZeRO-3 DeepSpeed config")
+    parser.add_argument("--steps", type=int, default=2, help="LoRA training steps per run")
     parser.add_argument("--max_live", type=float, default=0.0,
                         help="bound stage3_max_live_parameters and stage3_max_reuse_distance (0: the config's own)")
     parser.add_argument("--mmap_threshold", type=int, default=0,
