@@ -8,9 +8,11 @@ function of it), both levels' learning-rate schedules, the RNG states, the D1/D2
 the losses the summary needs.
 
 Saving is atomic (``save``): DeepSpeed writes into ``<tag>.partial``; only when every rank
-has finished does rank 0 write a manifest of the files and their sizes, rename the folder to
+has finished does rank 0 write a manifest of the files (size, sha256) and of the run's facts
+(``run_facts``: what a resume must keep), rename the folder to
 ``<tag>`` and replace ``latest``. A job killed at any moment leaves ``latest`` on a complete
-checkpoint; ``verify`` refuses a truncated or unfinished one with a one-line error. The
+checkpoint; ``verify`` refuses a truncated, damaged or unfinished one and ``check_fits`` one saved by
+a run with other settings, each with a one-line error, before launch. The
 checkpoint folder must be on a filesystem all nodes share (as DeepSpeed's ``latest`` assumes).
 """
 
@@ -24,9 +26,14 @@ from pathlib import Path
 
 import torch
 
+from ds_bilevel.files import sha256_file
+
 CHECKPOINT_DIR = "checkpoints"
 PARTIAL = ".partial"
 MANIFEST = "ds_bilevel_manifest.json"
+# What a checkpoint must share with a run that resumes it (``run_facts``): set by launch/train.py
+# before launch, written into every manifest, checked by ``check_fits`` before a resume launches.
+run_facts_of_this_run: dict = {}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -55,8 +62,10 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
     engine.save_checkpoint(str(folder), tag=partial.name, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
     if rank == 0:
-        files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
-        write_atomically(partial / MANIFEST, json.dumps({"tag": tag_name, "files": files, **(manifest_extra or {})}))
+        files = {str(f.relative_to(partial)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(partial.rglob("*")) if f.is_file()}
+        write_atomically(partial / MANIFEST, json.dumps({"tag": tag_name, "files": files, "run": run_facts_of_this_run,
+                                                         **(manifest_extra or {})}))
         if final.exists():  # the same step saved again (a resume from an older checkpoint)
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -65,17 +74,28 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
     return final
 
 
-def verify(folder: Path) -> None:
-    """Refuse a checkpoint that an interrupted save or a truncated copy left incomplete."""
+def read_manifest(folder: Path) -> dict:
+    """The manifest of the checkpoint in ``folder``: a JSON object with a "files" object."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise ValueError(f"resume_from_checkpoint: {folder} is incomplete (no {MANIFEST}: its save was interrupted "
                          f"or it was not written by ds_bilevel); resume from an earlier checkpoint")
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"resume_from_checkpoint: {manifest} is corrupt ({error})") from None
-    for name, size in files.items():
+        values = json.loads(manifest.read_text())
+        if not isinstance(values, dict) or not isinstance(values.get("files"), dict):
+            raise ValueError(f"a JSON {type(values).__name__} without a \"files\" object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"resume_from_checkpoint: {manifest} is corrupt ({error}); resume from an earlier "
+                         f"checkpoint") from None
+    return values
+
+
+def verify(folder: Path, checksums: bool = True) -> None:
+    """Refuse a checkpoint that an interrupted save, a truncated copy or damaged bytes left
+    unusable: every file of the manifest with its size and, with ``checksums``, its sha256."""
+    for name, recorded in read_manifest(folder)["files"].items():
+        old_style = not isinstance(recorded, dict)  # sizes only, before sha256 was recorded
+        size, digest = (recorded, None) if old_style else (recorded.get("size"), recorded.get("sha256"))
         path = folder / name
         actual = path.stat().st_size if path.is_file() else None
         if actual != size:
@@ -83,6 +103,50 @@ def verify(folder: Path) -> None:
                              f"expected {size}); resume from an earlier checkpoint")
         if path.suffix == ".pt" and not zipfile.is_zipfile(path):
             raise ValueError(f"resume_from_checkpoint: {path} is not a readable torch file (corrupt)")
+        if checksums and digest and sha256_file(path) != digest:
+            raise ValueError(f"resume_from_checkpoint: {path} is damaged (its sha256 differs from the one recorded "
+                             f"when it was saved); resume from an earlier checkpoint or copy it again")
+
+
+# What each fact of run_facts is called in an error line, and what a resume must keep.
+FACT_NAMES = {"zero_stage": "zero_optimization.stage", "world_size": "world size", "bf16": "bf16.enabled",
+              "model": "base model (model_name_or_path, seed)"}
+
+
+def run_facts(run, ds_config: dict, world_size: int) -> dict:
+    """What a checkpoint must share with the run that resumes it (saved in its manifest): the
+    adapter settings (method, ranks, targets, ...), ZeRO stage, precision, world size and the base
+    model's fingerprint (files.model_fingerprint)."""
+    import dataclasses
+
+    from ds_bilevel.ds_config import zero_stage
+    from ds_bilevel.files import model_fingerprint
+
+    return {"adapter": dataclasses.asdict(run.adapter), "zero_stage": zero_stage(ds_config),
+            "bf16": bool(ds_config.get("bf16", {}).get("enabled")), "world_size": world_size,
+            "model": model_fingerprint(run.model_name_or_path, run.seed)}
+
+
+def check_fits(folder: Path, facts: dict) -> None:
+    """Refuse to resume the checkpoint in ``folder`` into a run that differs in one of run_facts:
+    one line listing every difference. Checkpoints saved before the manifest held them: not checked."""
+    saved = read_manifest(folder).get("run") or {}
+    differences = []
+    for key, wanted in facts.items():
+        if key not in saved or saved[key] == wanted:
+            continue
+        if key == "adapter" and isinstance(saved[key], dict):
+            differences += [f"adapter.{name} {saved[key][name]!r} (this run: {value!r})"
+                            for name, value in wanted.items() if name in saved[key] and saved[key][name] != value]
+        elif key == "model":
+            differences.append(f"the base model (fingerprint {saved[key]}; this run's {wanted}: another "
+                               f"model_name_or_path, seed or weight files)")
+        else:
+            differences.append(f"{FACT_NAMES.get(key, key)} {saved[key]!r} (this run: {wanted!r})")
+    if differences:
+        raise ValueError(f"resume_from_checkpoint: {folder} was saved by a run with {'; '.join(differences)}; "
+                         f"resume with the checkpoint's settings, or start a new run in another output_dir "
+                         f"(nothing was changed)")
 
 
 def schedule_fields(mode: str, run) -> dict:
@@ -102,7 +166,7 @@ def check_schedule(folder: Path, mode: str, run) -> None:
     held the schedule are not checked."""
     from ds_bilevel.schedule import events
 
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_manifest(folder)
     saved, position = manifest.get("schedule"), manifest.get("position")
     if saved is None or position is None:
         return
@@ -126,16 +190,16 @@ def tag(inner_steps: int) -> str:
     return f"step{inner_steps}"
 
 
-def resolve(resume_from: str, output_dir: Path) -> tuple[Path, str]:
+def resolve(resume_from: str, output_dir: Path, checksums: bool = False) -> tuple[Path, str]:
     """(DeepSpeed load_dir, tag) for ``latest`` or a checkpoint folder (a tag folder or the
-    folder holding DeepSpeed's ``latest`` file)."""
+    folder holding DeepSpeed's ``latest`` file), verified (sha256 too with ``checksums``)."""
     folder = output_dir / CHECKPOINT_DIR if resume_from == "latest" else Path(resume_from)
     if (folder / "latest").is_file():
         tag_name = (folder / "latest").read_text().strip()
-        verify(folder / tag_name)
+        verify(folder / tag_name, checksums)
         return folder, tag_name
     if folder.is_dir() and any(folder.glob("*model_states.pt")):
-        verify(folder)
+        verify(folder, checksums)
         return folder.parent, folder.name
     raise ValueError(f"resume_from_checkpoint: {resume_from!r} is not a checkpoint "
                      f"(no 'latest' file in {folder} and no DeepSpeed model states)")

@@ -63,6 +63,9 @@ class DataConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"data.{name}: {value!r} must be an integer >= 1")
+        if self.max_length < 2:  # the first token is never predicted: one more for the answer
+            raise ValueError(f"data.max_length: {self.max_length} leaves no answer token to train on; allowed: an "
+                             f"integer >= 2")
 
 
 def load_records(dataset: str, config: DataConfig, seed: int):
@@ -124,6 +127,11 @@ def to_prompt_response(records, config: DataConfig, source: str, setting: str = 
                              f"{records.column_names}")
     if len(records) == 0:
         raise ValueError(f"{setting}: {source} holds no example")
+    for key, name in zip(keys, fields, strict=True):
+        check_field_values(records, key, name, source, text=instruction or key == "text_field",
+                           numbers_are_text=Path(source).suffix == ".csv")
+    if instruction:
+        check_something_to_learn(records, fields[1], source)
     names = config.label_names
 
     def convert(example):
@@ -136,7 +144,64 @@ def to_prompt_response(records, config: DataConfig, source: str, setting: str = 
         # Classification keeps the raw label too: an encoder's class id comes from it (class_labels).
         return out if instruction else {**out, "label": example[fields[1]]}
 
-    return records.map(convert, remove_columns=records.column_names, desc="format")
+    from datasets import Features, Value
+
+    # Explicit: datasets would otherwise keep a same-named input column's type (a CSV's int64).
+    text = {"prompt": Value("string"), "response": Value("string")}
+    features = Features(text if instruction else {**text, "label": records.features[fields[1]]})
+    return records.map(convert, remove_columns=records.column_names, features=features, desc="format")
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_field_values(records, key: str, name: str, source: str, text: bool, numbers_are_text: bool) -> None:
+    """Refuse values that are not text (``text``) or not a label (an integer or a string, one kind
+    throughout): null, lists, objects, numbers (but in a CSV file, which has no types), mixed
+    kinds. One line naming the setting, the field, how many rows and the first one (from 1)."""
+    import pyarrow as pa
+
+    column = records.data.table.column(name)
+    if (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) and column.null_count == 0:
+        return  # the common case, without a pass over the values
+    values = records[name]
+    if text:
+        allowed = ("text", "a number") if numbers_are_text else ("text",)
+        bad = [(i, v) for i, v in enumerate(values) if _kind(v) not in allowed]
+        wanted = "text (a string)"
+    else:
+        kinds = {_kind(v) for v in values if _kind(v) in ("text", "a number")}
+        bad = [(i, v) for i, v in enumerate(values) if _kind(v) not in ("text", "a number")
+               or isinstance(v, float)]
+        if not bad and len(kinds) > 1:
+            first_text = next(i for i, v in enumerate(values) if isinstance(v, str))
+            first_number = next(i for i, v in enumerate(values) if isinstance(v, int | float))
+            raise ValueError(f"data.{key}: {name!r} in {source} mixes integers (first at row {first_number + 1}) and "
+                             f"strings (first at row {first_text + 1}); allowed: labels of one kind, all integers "
+                             f"(class ids) or all strings")
+        wanted = "a label (an integer class id or a string)"
+    if bad:
+        first, value = bad[0]
+        raise ValueError(f"data.{key}: {name!r} in {source} is {_kind(value)} ({str(value)[:40]!r}) in "
+                         f"{len(bad)} of {len(values)} rows (first at row {first + 1}, counting from 1); allowed: "
+                         f"{wanted} in every row")
+
+
+def check_something_to_learn(records, name: str, source: str) -> None:
+    """Refuse a file whose answers are all empty or whitespace: the loss would only teach EOS."""
+    import pyarrow.compute as pc
+
+    column = records.data.table.column(name).cast("string")
+    if pc.all(pc.equal(pc.utf8_trim_whitespace(column), "")).as_py():
+        raise ValueError(f"data.response_field: {name!r} is empty or whitespace in all {len(records)} rows of "
+                         f"{source}: there is nothing to learn; allowed: answers with text")
 
 
 def load_validation(config: DataConfig):

@@ -135,21 +135,40 @@ def model_skeleton(run: RunConfig):
 
 
 def check_model(run: RunConfig) -> None:
-    """Targets and ranks against the model's layers (an encoder's: its head excluded, heads.py)."""
+    """Targets and ranks against the model's layers (an encoder's: its head excluded, heads.py); a
+    folder's weights whole and naming exactly the skeleton's tensors, with its shapes."""
     from ds_bilevel.adapters.inject import target_layer_names
     from ds_bilevel.heads import head_names
     from ds_bilevel.models import encoder_skeleton
 
+    if not is_builtin(run.model_name_or_path):
+        check_config_json(Path(run.model_name_or_path))
     encoder = encoder_skeleton(run.model_name_or_path, run.trust_remote_code)  # heads.py: with its head
     if encoder is None:
-        target_layer_names(model_skeleton(run), run.adapter)
+        skeleton = model_skeleton(run)
+        target_layer_names(skeleton, run.adapter)
     elif run.data.format != "classification":
         raise ValueError(f"data.format: {run.data.format!r} needs a causal LM, but {run.model_name_or_path} is an "
                          f"encoder (heads.py); allowed with it: classification")
     else:
+        skeleton = encoder
         target_layer_names(encoder, run.adapter, exclude=head_names(encoder))
     if not is_builtin(run.model_name_or_path):
-        check_model_weights(Path(run.model_name_or_path))
+        check_model_weights(Path(run.model_name_or_path), skeleton, base_only=encoder is not None)
+
+
+def check_config_json(folder: Path) -> None:
+    """config.json is a JSON object (transformers' own error for a damaged one is a traceback)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model_name_or_path: {str(folder)!r} is neither a builtin nor a folder with config.json")
+    try:
+        values = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"model_name_or_path: {path} is not valid JSON ({error}); allowed: the config.json "
+                         f"save_pretrained writes") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"model_name_or_path: {path} holds a JSON {type(values).__name__}; allowed: an object")
 
 
 def check_tokenizer(run: RunConfig) -> None:
@@ -157,16 +176,103 @@ def check_tokenizer(run: RunConfig) -> None:
     as a crash in tokenisation after launch (models.check_tokenizer)."""
     from ds_bilevel.models import check_tokenizer as check
 
-    check(run.model_name_or_path, run.trust_remote_code)
+    try:
+        check(run.model_name_or_path, run.trust_remote_code)
+    except Exception as error:  # transformers' own errors for missing or unreadable tokenizer files
+        detail = " ".join(str(error).split())
+        if isinstance(error, ValueError) and detail.startswith("model_name_or_path:"):
+            raise
+        raise ValueError(f"model_name_or_path: {run.model_name_or_path} has no tokenizer transformers can load "
+                         f"({type(error).__name__}: {detail[:200]}); allowed: a folder with its tokenizer files "
+                         f"(tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
 
 
-def check_model_weights(folder: Path) -> None:
-    """Weights as safetensors, whole: a truncated download fails here in one line, not in torch."""
-    from ds_bilevel.files import check_weights_folder
+def check_model_weights(folder: Path, skeleton=None, base_only: bool = False) -> None:
+    """Weights as safetensors, whole (a truncated download fails here in one line, not in torch),
+    every shard of the index present, and, against the meta-device ``skeleton``: no tensor
+    missing (transformers would fill it with random values), none unexpected, every shape the
+    model's. ``base_only`` (an encoder): the classification head is not compared (heads.py)."""
+    from ds_bilevel.files import check_safetensors, check_weights_folder
 
-    if not check_weights_folder(folder, "model_name_or_path"):
+    files = check_weights_folder(folder, "model_name_or_path")
+    if not files:
         raise ValueError(f"model_name_or_path: {folder} holds no *.safetensors weights; allowed: a folder written "
                          f"by save_pretrained (safetensors)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+            raise ValueError(f"model_name_or_path: {index} is not a valid index ({type(error).__name__}: {error}); "
+                             f"allowed: the index save_pretrained writes") from None
+        missing = sorted(str(name) for name in shards if not (folder / str(name)).is_file())
+        if missing:
+            raise ValueError(f"model_name_or_path: {folder / missing[0]} is missing ({len(missing)} of the "
+                             f"{len(shards)} shards {index.name} lists); copy or download it again")
+        files = [folder / str(name) for name in sorted(shards)]  # what transformers reads
+    if skeleton is None:
+        return
+    header = {}
+    for path in files:
+        header.update((name, (entry["shape"], path.name)) for name, entry in check_safetensors(
+            path, "model_name_or_path").items())
+    compare_with_skeleton(folder, header, skeleton, base_only)
+
+
+# Tensors of older checkpoints that today's models compute instead (rotary frequencies, GPT-2's
+# causal mask): in a file, but never loaded.
+IGNORED_FILE_TENSORS = (".inv_freq", ".attn.bias", ".attn.masked_bias", ".position_ids")
+
+
+def compare_with_skeleton(folder: Path, header: dict, skeleton, base_only: bool) -> None:
+    """The file's tensor names and shapes against the skeleton's state dict (tied weights: one
+    of a group suffices; a base-model checkpoint's names without the prefix are the model's)."""
+    import re
+
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    if _has_conversion_mapping(skeleton):
+        return  # transformers renames this family's checkpoint tensors on load (MoE experts): not comparable
+    expected = {name: list(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    groups: dict[int, list[str]] = {}
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    tied = {name: names for names in groups.values() if len(names) > 1 for name in names}
+    given = {}
+    for name, (shape, file) in header.items():
+        if prefix and name not in expected and f"{prefix}.{name}" in expected:
+            name = f"{prefix}.{name}"
+        given[name] = (shape, file)
+    if base_only and prefix:
+        expected = {k: v for k, v in expected.items() if k.startswith(prefix + ".")}
+        given = {k: v for k, v in given.items() if k.startswith(prefix + ".")}
+    ignore_missing = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_missing", None) or []]
+    ignore_unexpected = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or []]
+    missing = sorted(name for name in expected if name not in given
+                     and not any(other in given for other in tied.get(name, ()))
+                     and not any(p.search(name) for p in ignore_missing))
+    unexpected = sorted(name for name in given if name not in expected and not name.endswith(IGNORED_FILE_TENSORS)
+                        and not any(p.search(name) for p in ignore_unexpected))
+    if missing:
+        raise ValueError(f"model_name_or_path: {folder} lacks {len(missing)} of the model's weight tensors "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which transformers "
+                         f"would fill with random values; copy or download the folder again")
+    if unexpected:
+        raise ValueError(f"model_name_or_path: {folder} holds {len(unexpected)} tensor(s) the model has no place "
+                         f"for ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''} in "
+                         f"{given[unexpected[0]][1]}): its config.json and weights are of different models")
+    for name, (shape, file) in sorted(given.items()):
+        if name in expected and shape != expected[name]:
+            raise ValueError(f"model_name_or_path: {folder / file} holds {name} with shape {shape}, but config.json "
+                             f"makes it {expected[name]}; its config.json and weights are of different models")
+
+
+def _has_conversion_mapping(skeleton) -> bool:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4.x: no renaming on load
+        return bool(getattr(skeleton, "_checkpoint_conversion_mapping", None))
+    return bool(get_checkpoint_conversion_mapping(skeleton.config.model_type)
+                or getattr(skeleton, "_checkpoint_conversion_mapping", None))
 
 
 @contextlib.contextmanager
@@ -240,6 +346,37 @@ def _model_type(run: RunConfig) -> str:
     return AutoConfig.from_pretrained(name, trust_remote_code=run.trust_remote_code).model_type
 
 
+def check_values(run: RunConfig) -> None:
+    """Every setting has its declared type (whatever path it came by: flag, YAML, code) and every
+    number is finite: a NaN learning rate or an infinite hypergradient eps fails here, not in
+    the middle of training."""
+    import math
+    import typing
+
+    from ds_bilevel.config import flat_field_types
+
+    defaults = RunConfig()
+    for key, hint in flat_field_types().items():
+        section, _, leaf = key.rpartition(".")
+        value = getattr(getattr(run, section) if section else run, leaf)
+        if value is None and getattr(getattr(defaults, section) if section else defaults, leaf) is None:
+            continue  # unset, as by default (adapter.detach_norm: the method's own)
+        allowed = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if typing.get_origin(hint) is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif float in allowed:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif int in allowed:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = any(isinstance(value, a) for a in allowed if isinstance(a, type))
+        if not ok:
+            name = getattr(hint, "__name__", str(hint))
+            raise ValueError(f"{key}: {value!r} ({type(value).__name__}) is not a valid {name}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}: {value} is not a finite number; allowed: a finite value (see --help)")
+
+
 def check_run(run: RunConfig, world_size: int) -> None:
     """Everything but the DeepSpeed config, cheapest first."""
     from ds_bilevel.hypergrad.config import detach_norm_warning
@@ -247,8 +384,98 @@ def check_run(run: RunConfig, world_size: int) -> None:
     warning = detach_norm_warning(run.adapter.method, run.adapter.detach_norm, run.bilevel.hypergrad)
     if warning and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {warning}", file=sys.stderr)  # allowed, but said once, before launch
+    check_values(run)
     check_schedule(run)
     check_kernels(run)
     check_model(run)
     check_tokenizer(run)
     check_data(run, world_size)
+
+
+def settle_eval_size(run: RunConfig) -> RunConfig:
+    """A data file's held-out evaluation share when data.eval_size was not given: the default 256,
+    but at most 10% of the file's rows (at least 1), so that a small file trains (issue 18). A
+    given eval_size is kept (and refused when it leaves no training example)."""
+    from ds_bilevel.data import BUILTIN_DATASETS, read_file_or_hub
+
+    if run.dataset in BUILTIN_DATASETS or run.sources is None or "data.eval_size" in run.sources:
+        return run
+    with quiet_datasets():
+        rows = len(read_file_or_hub(run.dataset, run.data))
+    run.data.eval_size = min(run.data.eval_size, max(1, rows // 10))
+    return run
+
+
+def check_launch(ds_config: dict) -> None:
+    """What would fail only once the processes start: NVMe offload without DeepSpeed's async I/O,
+    rank 0's master port taken by another process, a DeepSpeed op build left locked by a killed
+    launch (later launches would wait on it forever, silently)."""
+    check_async_io(ds_config)
+    check_master_port()
+    check_op_build_locks()
+
+
+def check_async_io(ds_config: dict) -> None:
+    zero = ds_config.get("zero_optimization", {})
+    nvme = [name for name in ("offload_optimizer", "offload_param") if (zero.get(name) or {}).get("device") == "nvme"]
+    if not nvme:
+        return
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        compatible = AsyncIOBuilder().is_compatible(verbose=False)
+    except Exception:  # no such builder for this accelerator
+        compatible = False
+    if not compatible:
+        raise ValueError(f"ds_config: zero_optimization.{nvme[0]}.device = \"nvme\", but DeepSpeed's async I/O "
+                         f"op cannot be built here (libaio missing: apt install libaio-dev, then ds_report shows "
+                         f"async_io OK); allowed: device \"cpu\" or \"none\"")
+
+
+def check_master_port() -> None:
+    """Rank 0 hosts the process group's store on MASTER_PORT: taken already, the launch would end
+    in 'address already in use' after the other ranks started. Not checked where a torchrun
+    agent hosts the store itself."""
+    import socket
+
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK", "0")
+    if not port or rank != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", int(port)))
+        except OSError as error:
+            raise ValueError(f"MASTER_PORT: {port} is in use on this machine ({error.strerror}: another job or "
+                             f"launch holds it); allowed: a free port (deepspeed --master_port N, or unset "
+                             f"MASTER_PORT without a launcher)") from None
+
+
+# A build takes about a minute; a lock older than this was left by a killed build.
+STALE_BUILD_LOCK_S = 600
+
+
+def check_op_build_locks() -> None:
+    """torch's extension builds (DeepSpeed's ops: the CPU shared-memory all-reduce, ...) take a
+    ``lock`` file in the build folder and later builds wait until it goes; a launch killed while
+    building leaves it for ever. Refuse one older than STALE_BUILD_LOCK_S, naming it."""
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        locks = list(Path(root).glob("*/lock"))
+    else:  # torch's default: <cache>/torch_extensions/py311_cu121/<op>/lock
+        try:
+            from torch.utils.cpp_extension import get_default_build_root
+        except ImportError:
+            return
+        locks = list(Path(get_default_build_root()).glob("*/*/lock"))
+    for lock in locks:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            raise ValueError(f"DeepSpeed op build: {lock} was left {age / 60:.0f} minutes ago by a build that was "
+                             f"killed, and would make this launch wait for ever; delete it (rm {lock}) and launch "
+                             f"again")

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import traceback
+import uuid
 from pathlib import Path
 
 import torch
@@ -31,28 +32,95 @@ from ds_bilevel.validation import check_run, checked_ds_config  # noqa: E402
 
 
 def check_output_dir(run: RunConfig) -> None:
+    """The folder can be written (no file on its path), holds no other run unless told to overwrite
+    or resume, and no live run holds its lock (files.take_lock)."""
+    from ds_bilevel.files import LOCK, refuse_if_locked
+
     out = Path(run.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (run.overwrite_output_dir or run.resume_from_checkpoint):
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise ValueError(f"output_dir: {existing} is a file, so {out} cannot be created"
+                         if existing != out else f"output_dir: {out} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir: {existing} is not writable by this user, so {out} cannot be written")
+    contents = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if contents and not (run.overwrite_output_dir or run.resume_from_checkpoint):
         raise ValueError(f"output_dir: {out} is not empty; choose another, resume with "
                          f"--resume_from_checkpoint latest, or pass --overwrite_output_dir true")
-    if run.resume_from_checkpoint:
-        from ds_bilevel.checkpoint import check_schedule, resolve
-        from ds_bilevel.validation import training_mode
+    refuse_if_locked(out)
 
-        folder, tag = resolve(run.resume_from_checkpoint, out)
-        check_schedule(folder / tag, training_mode(run), run)
+
+def check_resume(run: RunConfig, ds_config: dict, world_size: int) -> None:
+    """The checkpoint is whole (sizes, sha256: hashed once per node, by local rank 0) and fits this
+    run: its schedule, adapters, ZeRO stage, precision, world size and base model."""
+    from ds_bilevel.checkpoint import check_fits, check_schedule, resolve, run_facts
+    from ds_bilevel.validation import training_mode
+
+    checksums = os.environ.get("LOCAL_RANK", "0") == "0"
+    folder, tag = resolve(run.resume_from_checkpoint, Path(run.output_dir), checksums=checksums)
+    check_fits(folder / tag, run_facts(run, ds_config, world_size))
+    check_schedule(folder / tag, training_mode(run), run)
+
+
+def read_settings(argv: list[str] | None) -> RunConfig:
+    """load_config, with a YAML file that does not parse as one line naming it."""
+    import yaml
+
+    try:
+        return load_config(argv)
+    except yaml.YAMLError as error:
+        args = sys.argv[1:] if argv is None else argv
+        path = next((a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
+                     if a.split("=", 1)[0] == "--config" and ("=" in a or i + 1 < len(args))), "?")
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"config: {path} is not valid YAML ({problem}{where}); allowed: a YAML mapping of "
+                         f"settings") from None
 
 
 def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
     """Every check of ds_bilevel/validation.py, before any process group starts; writes nothing."""
-    run = load_config(argv)
+    from ds_bilevel.validation import check_launch, settle_eval_size
+
+    run = read_settings(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run, ds_config = checked_ds_config(run, world_size)  # the JSON's values for what no flag or YAML set
     check_output_dir(run)
+    run = settle_eval_size(run)  # a small file's held-out share (issue 18)
     check_run(run, world_size)
+    if run.resume_from_checkpoint:
+        check_resume(run, ds_config, world_size)
+    check_launch(ds_config)
     return run, ds_config
+
+
+def claim_output_dir(run: RunConfig, run_id: str) -> None:
+    """Rank 0, after validation and before anything is written: lock the folder, then clear an
+    overwritten run's files (checkpoints included) or, on resume, the record of the finished run."""
+    from ds_bilevel.files import RUN_MANIFEST, clear_run_outputs, take_lock
+
+    out = Path(run.output_dir)
+    take_lock(out, run_id)
+    if run.overwrite_output_dir and not run.resume_from_checkpoint:
+        clear_run_outputs(out)
+    else:
+        (out / RUN_MANIFEST).unlink(missing_ok=True)
+
+
+def check_finite_summary(summary: dict) -> None:
+    """A run whose losses are not finite fails (exit 1) before its adapters and summary are written."""
+    import math
+
+    from ds_bilevel.engine import NonFiniteError
+
+    keys = ("eval_loss_before", "eval_loss_after", "train_loss_first", "train_loss_last")
+    bad = [f"{key} {summary[key]}" for key in keys if isinstance(summary.get(key), float | int)
+           and not math.isfinite(summary[key])]
+    if bad:
+        raise NonFiniteError(f"the run ended with non-finite losses ({', '.join(bad)}); its adapters and summary "
+                             f"were not written. A NaN or infinite base weight, or settings such as adapter.alpha or "
+                             f"learning_rate, make every loss non-finite (docs/failures.md)")
 
 
 def print_summary(summary: dict) -> None:
@@ -74,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     phases = Phases()
     try:
         run, ds_config = validated_settings(argv)
+        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        run_id = uuid.uuid4().hex[:12]
+        from ds_bilevel import checkpoint
+
+        checkpoint.run_facts_of_this_run.clear()
+        checkpoint.run_facts_of_this_run.update(checkpoint.run_facts(run, ds_config, world_size), run_id=run_id)
+        if rank == 0:
+            claim_output_dir(run, run_id)
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
@@ -83,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and zero_stage(ds_config) == 3:
         return_large_frees_to_the_os()  # gathered ZeRO-3 parameters must not stay resident on CPU ranks
     from ds_bilevel.engine import NonFiniteError
+    from ds_bilevel.files import release_lock, write_run_manifest
     from ds_bilevel.recipe import TrainingRecipe
 
     phases.mark("validation")
@@ -90,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         recipe.setup()
-        summary = recipe.save(recipe.train())
+        trained = recipe.train()
+        check_finite_summary(trained)
+        summary = recipe.save(trained)
         if recipe.rank == 0:
             print_summary(summary)
             print(json.dumps(summary))
         recipe.cleanup()  # ends with a barrier: no collective follows
+        if recipe.rank == 0:  # the record that the folder's files belong to one finished run, then unlock
+            write_run_manifest(Path(run.output_dir), run_id)
+            release_lock(Path(run.output_dir))
     except NonFiniteError as error:  # raised by every rank at the same step
         if recipe.rank == 0:
             report(f"error: {error}")

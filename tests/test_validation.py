@@ -245,7 +245,7 @@ class Handed(Exception):
 
 @pytest.fixture()
 def handed(monkeypatch):
-    def capture(run, ds):
+    def capture(run, ds, *_):
         raise Handed(run, ds)
 
     monkeypatch.setattr("ds_bilevel.recipe.TrainingRecipe", capture)

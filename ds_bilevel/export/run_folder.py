@@ -2,7 +2,9 @@
 
 A run folder (``output_dir`` of launch/train.py) holds ``run_config.json`` (the RunConfig as a
 dict) and ``adapter_model.safetensors`` (every adapter parameter's fp32 master, keyed
-``<layer>.<parameter>``, e.g. ``model.layers.0.self_attn.q_proj.lora_A``). The adapter layers
+``<layer>.<parameter>``, e.g. ``model.layers.0.self_attn.q_proj.lora_A``). A folder that a run is
+writing or left unfinished (its lock is there), or whose files differ from those its run
+recorded in ``run_manifest.json`` when it finished, is refused (files.check_run_folder). The adapter layers
 are rebuilt one at a time with the method's own class, so no merge formula lives here. An
 encoder run also holds its trained classification head there, under the model's own tensor
 names (``classifier.out_proj.weight``; heads.py), and its class names in ``labels.json``.
@@ -20,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ds_bilevel.adapters import METHODS, AdapterConfig, AdapterLayer
-from ds_bilevel.files import check_safetensors
+from ds_bilevel.files import check_run_folder, check_safetensors
 from ds_bilevel.heads import is_head_tensor
 from ds_bilevel.levels import Level
 
@@ -69,6 +71,10 @@ def read_run_folder(path: str | Path, base_model: str | None = None) -> RunFolde
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"checkpoint_dir: {str(path)!r} is not a folder; give the output_dir of a training run")
+    try:  # a run still writing it, stopped before its end, or files of different runs
+        check_run_folder(path, [RUN_CONFIG_FILE, ADAPTER_FILE, LABELS_FILE])
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     for name in (RUN_CONFIG_FILE, ADAPTER_FILE):
         if not (path / name).is_file():
             raise ExportError(f"checkpoint_dir: {path} has no {name}; give the output_dir of a finished training run")
