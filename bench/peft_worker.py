@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     from ds_bilevel.distributed import release_shm_buffers
     from ds_bilevel.ds_config import fill_ds_config, read_ds_config
     from ds_bilevel.models import load_tokenizer
-    from ds_bilevel.recipe import peak_memory_per_rank
+    from ds_bilevel.outputs import peak_memory_per_rank
     from ds_bilevel.schedule import BatchSource
 
     method, warmup = argv[argv.index("--peft_method") + 1], int(argv[argv.index("--warmup") + 1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ds_bilevel import checkpoint
 from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.config import RunConfig
@@ -33,8 +34,9 @@ from ds_bilevel.levels import (
     training_mode,
 )
 from ds_bilevel.losses import loss_sum
-from ds_bilevel.optim import LevelScheduler, build_optimizer, build_param_groups
-from ds_bilevel.schedule import Batch, outer_step_count
+from ds_bilevel.optim import build_optimizer, level_param_groups, level_scheduler
+from ds_bilevel.outputs import NonFiniteError
+from ds_bilevel.schedule import Batch, StepKind, take_step
 from ds_bilevel.zero_access import (
     full_grads,
     master_value,
@@ -50,10 +52,6 @@ from ds_bilevel.zero_access import (
 def _scale_master_and_weight(param: torch.nn.Parameter, factor: torch.Tensor | float) -> None:
     scale_master_(param, factor)
     scale_compute_weight_(param, factor)
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def innermost_optimizer(optimizer):
@@ -72,23 +70,19 @@ class BilevelEngine:
             for _, layer in adapter_layers(model):
                 layer.ascend_in_backward = True
         groups = {level: level_parameters(model, level) for level in Level}
-        lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
-        wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
-        optimizer = build_optimizer(build_param_groups(groups, lr, wd), offload=offloads_optimizer(ds_config))
+        optimizer = build_optimizer(level_param_groups(groups, run), offload=offloads_optimizer(ds_config))
         if zero_stage(ds_config) == 3:
             # An adapter reads its base weight outside base_layer's own forward (DoRA's norm):
             # ZeRO-3 must gather a whole adapter layer, children included.
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [AdapterLayer])
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.client_optimizer = innermost_optimizer(self.optimizer)
-        total = {Level.INNER: run.max_steps, Level.OUTER: outer_step_count(
-            self.mode, run.max_steps, self.bilevel.unroll_steps, self.bilevel.outer_steps)}
-        self.scheduler = LevelScheduler(self.client_optimizer, run.lr_scheduler, total, run.warmup_ratio)
-        self.params = {level: level_parameters(self.engine.module, level) for level in Level}
-        self.world_size = self.engine.world_size
-        self.accumulation = self.engine.gradient_accumulation_steps()
+        self.scheduler = level_scheduler(self.client_optimizer, run, self.mode)
+        self.params = {level: level_parameters(self.ds_engine.module, level) for level in Level}
+        self.world_size = self.ds_engine.world_size
+        self.accumulation = self.ds_engine.gradient_accumulation_steps()
         self.batches: dict[Objective, Batch] = {}
         self.losses: dict[Objective, float] = {}
         self._cycle_open = False
@@ -100,7 +94,7 @@ class BilevelEngine:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        return self.ds_engine.module
 
     # ---- passes --------------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, torch.Tensor], labelled_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +108,8 @@ class BilevelEngine:
         Also returns the unscaled sum, detached and left on the device: reading it here would make
         the host wait for this forward before it can queue the backward.
         """
-        device = self.engine.device
-        logits = self.engine(input_ids=batch["input_ids"].to(device),
+        device = self.ds_engine.device
+        logits = self.ds_engine(input_ids=batch["input_ids"].to(device),
                              attention_mask=batch["attention_mask"].to(device)).logits
         summed = loss_sum(logits, batch["labels"].to(device))
         return summed * (self.world_size * self.accumulation / labelled_tokens), summed.detach()
@@ -128,14 +122,14 @@ class BilevelEngine:
         self._close_cycle()
         batch = self.batches[objective]
         set_regularization(self.module, (objective.level,), self.accumulation)
-        self.engine.train()
-        summed = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        self.ds_engine.train()
+        summed = torch.zeros((), dtype=torch.float64, device=self.ds_engine.device)
         for k, micro in enumerate(batch.micro_batches):
             loss, micro_sum = self.forward_loss(micro, batch.labelled_tokens)
-            self.engine.backward(loss)
+            self.ds_engine.backward(loss)
             summed += micro_sum
             if k < len(batch.micro_batches) - 1:
-                self.engine.step()  # inside the accumulation window: DeepSpeed only counts it
+                self.ds_engine.step()  # inside the accumulation window: DeepSpeed only counts it
         self._cycle_open = True
         dist.all_reduce(summed)  # on the device; read by the caller once per logged step
         self.losses[objective] = summed / batch.labelled_tokens
@@ -148,10 +142,10 @@ class BilevelEngine:
         DeepSpeed's skipped_steps counts those. The loss's finiteness stays a device tensor: LevelAdamW
         reads it together with the gradients' in its one host sync per step."""
         self.client_optimizer.loss_is_finite, self.client_optimizer.skipped = torch.isfinite(loss), False
-        skipped_by_deepspeed = self.engine.skipped_steps
+        skipped_by_deepspeed = self.ds_engine.skipped_steps
         self._close_cycle(levels)
         self.client_optimizer.loss_is_finite = True
-        if not (self.client_optimizer.skipped or self.engine.skipped_steps > skipped_by_deepspeed):
+        if not (self.client_optimizer.skipped or self.ds_engine.skipped_steps > skipped_by_deepspeed):
             self.nonfinite_in_a_row = 0
             return
         self.nonfinite_steps += 1
@@ -167,7 +161,7 @@ class BilevelEngine:
         """engine.step at the open boundary, moving only ``levels`` (none: a measuring pass)."""
         if self._cycle_open:
             self.client_optimizer.active_levels = frozenset(level.value for level in levels)
-            self.engine.step()
+            self.ds_engine.step()
             self._cycle_open = False
 
     def _zero_grads(self, level: Level) -> None:
@@ -175,7 +169,7 @@ class BilevelEngine:
         # step must not count.
         for param in self.params[level]:
             shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
-            set_grad(param, torch.zeros(shape, device=self.engine.device))
+            set_grad(param, torch.zeros(shape, device=self.ds_engine.device))
 
     # ---- hypergrad.BilevelProblem ----------------------------------------------------------
     def gradients(self, objective: Objective) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -264,7 +258,39 @@ class BilevelEngine:
         self.client_optimizer.reset_state(Level.INNER)
         self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
 
-    def step(self, kind: str, batch: Batch) -> torch.Tensor:
+    def step(self, kind: StepKind, batch: Batch) -> torch.Tensor:
         """One step of ``kind``; its loss as a device tensor (read it only when logging)."""
-        return {"inner": self.inner_step, "retrain": self.inner_step, "outer": self.outer_step,
-                "sharpness": self.sharpness_step}[kind](batch)
+        return take_step(self, kind, batch)
+
+    # ---- what a checkpoint holds of the engine besides DeepSpeed's own state ------------------
+    def state_dict(self) -> dict:
+        """The level schedules and the non-finite step counters (DeepSpeed's checkpoint holds the
+        weights and the optimizer)."""
+        return {"scheduler": self.scheduler.state_dict(), "nonfinite": [self.nonfinite_steps, self.nonfinite_in_a_row]}
+
+    def load_state_dict(self, state: dict, inner_done: int) -> None:
+        """Restore ``state_dict()`` after ``inner_done`` inner steps. The steps taken come from the
+        checkpoint, the schedules' lengths from this run: a run resumed with a larger max_steps
+        decays its learning rate over the new length (as HF Trainer does) instead of staying at
+        the old schedule's end (0 for linear decay). Unchanged settings give the saved lengths back
+        exactly (launch/train.py refuses a resume into a schedule whose first steps differ,
+        checkpoint.check_schedule). Inside the retraining phase the inner level has its own."""
+        totals = dict(self.scheduler.totals)
+        if inner_done > self.run.max_steps:
+            totals[Level.INNER.value] = self.bilevel.retrain_steps
+        self.scheduler.load_state_dict({**state["scheduler"], "totals": totals})
+        self.nonfinite_steps, self.nonfinite_in_a_row = state["nonfinite"]
+
+    # ---- the DeepSpeed engine's services the recipe uses ---------------------------------------
+    def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
+        """(name, value, step) rows to DeepSpeed's monitors (TensorBoard, CSV, W&B, as configured)."""
+        self.ds_engine.monitor.write_events(events)
+
+    def save_checkpoint(self, output_dir, tag: str, client_state: dict, rank: int, manifest_extra: dict) -> None:
+        """DeepSpeed's checkpoint with ``client_state`` (checkpoint.save: atomic, verified). Collective."""
+        checkpoint.save(self.ds_engine, output_dir, tag, client_state, rank, manifest_extra=manifest_extra)
+
+    def load_checkpoint(self, load_dir, tag: str) -> dict:
+        """Load DeepSpeed's checkpoint (weights, optimizer) and return its client state."""
+        _, client = self.ds_engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False)
+        return client

@@ -87,7 +87,7 @@ def evaluate(engine, dataset, pad_id: int, batch_size: int) -> dict[str, float]:
     of the model as exported (``inference_forward``)."""
     import deepspeed.comm as dist
 
-    module = engine.engine
+    module = engine.ds_engine
     rank, world = dist.get_rank(), dist.get_world_size()
     classes = is_classification(collate([dataset[0]], pad_id)["labels"])
     module.eval()

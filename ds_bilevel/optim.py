@@ -9,10 +9,15 @@ every stage: the other level's master weights and Adam moments stay untouched.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from ds_bilevel.levels import Level
+from ds_bilevel.levels import Level, TrainingMode
+from ds_bilevel.schedule import outer_step_count
+
+if TYPE_CHECKING:
+    from ds_bilevel.config import RunConfig
 
 
 def all_ranks_finite(tensors: list[torch.Tensor], also: bool | torch.Tensor = True) -> bool:
@@ -154,3 +159,18 @@ class LevelScheduler:
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.totals = dict(state["steps"]), dict(state.get("totals", self.totals))
         self._build()
+
+
+def level_param_groups(params: dict[Level, list[torch.nn.Parameter]], run: RunConfig) -> list[dict]:
+    """The run's param groups: the inner level at learning_rate / weight_decay, the outer level at
+    bilevel.outer_learning_rate (unset: learning_rate) / bilevel.outer_weight_decay."""
+    lr = {Level.INNER: run.learning_rate, Level.OUTER: run.bilevel.outer_learning_rate or run.learning_rate}
+    wd = {Level.INNER: run.weight_decay, Level.OUTER: run.bilevel.outer_weight_decay}
+    return build_param_groups(params, lr, wd)
+
+
+def level_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, mode: TrainingMode) -> LevelScheduler:
+    """The run's LevelScheduler: the inner level over max_steps, the outer over its steps in ``mode``."""
+    total = {Level.INNER: run.max_steps, Level.OUTER: outer_step_count(
+        mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps)}
+    return LevelScheduler(optimizer, run.lr_scheduler, total, run.warmup_ratio)

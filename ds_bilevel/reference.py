@@ -10,31 +10,30 @@ world size must end where this does (to float rounding, in fp32).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.config import RunConfig
 from ds_bilevel.hypergrad import HYPERGRADS
-from ds_bilevel.levels import Level, Objective, level_parameters, regularizer, training_mode
+from ds_bilevel.levels import Level, Objective, level_parameters, named_level_parameters, regularizer, training_mode
 from ds_bilevel.losses import loss_sum
-from ds_bilevel.optim import LevelAdamW, LevelScheduler, build_param_groups
-from ds_bilevel.schedule import Batch, outer_step_count
+from ds_bilevel.optim import LevelAdamW, level_param_groups, level_scheduler
+from ds_bilevel.preparation import batch_sources, prepare
+from ds_bilevel.schedule import Batch, StepKind, events, run_steps, take_step
 from ds_bilevel.zero_access import scale_compute_weight_
 
 
 class ReferenceBilevel:
-    """The same step API as ``BilevelEngine`` (inner_step, outer_step, sharpness_step, step)."""
+    """The same step API as ``BilevelEngine`` (schedule.Stepper; hypergrad.BilevelProblem)."""
 
     def __init__(self, model: torch.nn.Module, run: RunConfig):
         self.model, self.run, self.bilevel = model, run, run.bilevel
         self.mode, self.method = training_mode(model), METHODS[run.adapter.method]
         self.params = {level: level_parameters(model, level) for level in Level}
-        lr = {Level.INNER: run.learning_rate, Level.OUTER: self.bilevel.outer_learning_rate or run.learning_rate}
-        wd = {Level.INNER: run.weight_decay, Level.OUTER: self.bilevel.outer_weight_decay}
-        self.optimizer = LevelAdamW(build_param_groups(self.params, lr, wd))
-        total = {Level.INNER: run.max_steps, Level.OUTER: outer_step_count(
-            self.mode, run.max_steps, self.bilevel.unroll_steps, self.bilevel.outer_steps)}
-        self.scheduler = LevelScheduler(self.optimizer, run.lr_scheduler, total, run.warmup_ratio)
+        self.optimizer = LevelAdamW(level_param_groups(self.params, run))
+        self.scheduler = level_scheduler(self.optimizer, run, self.mode)
         self.batches: dict[Objective, Batch] = {}
         self.losses: dict[Objective, float] = {}
         self._masters: list[torch.Tensor] | None = None
@@ -119,9 +118,8 @@ class ReferenceBilevel:
         self.optimizer.reset_state(Level.INNER)
         self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
 
-    def step(self, kind: str, batch: Batch) -> float:
-        return {"inner": self.inner_step, "retrain": self.inner_step, "outer": self.outer_step,
-                "sharpness": self.sharpness_step}[kind](batch)
+    def step(self, kind: StepKind, batch: Batch) -> float:
+        return take_step(self, kind, batch)
 
 
 def run_reference(run: RunConfig, global_batch: int, micro_batch: int | None = None) -> dict[str, torch.Tensor]:
@@ -131,22 +129,14 @@ def run_reference(run: RunConfig, global_batch: int, micro_batch: int | None = N
     Each pass is one forward over the global batch, or with ``micro_batch`` a sum of
     gradients over micro-batches of that size: the same maths in another summation order
     (the tests' measure of fp32 rounding noise)."""
-    import dataclasses
-
-    from ds_bilevel.levels import named_level_parameters
-    from ds_bilevel.recipe import batch_sources, prepare
-    from ds_bilevel.schedule import events
-
     micro_batch = micro_batch or global_batch
     run = dataclasses.replace(run, micro_batch_size=micro_batch,
                               gradient_accumulation_steps=global_batch // micro_batch)
     data = prepare(run)
     model = data.model
     reference = ReferenceBilevel(model, run)
-    sources = batch_sources(run, reference.mode, data, 0, 1)
-    for kind, index in events(reference.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps,
-                              run.bilevel.retrain_steps):
-        if kind == "retrain" and index == 0:
-            reference.start_retraining()
-        reference.step(kind, sources[kind].batch(index))
+    schedule = list(events(reference.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps,
+                           run.bilevel.retrain_steps))
+    for _ in run_steps(reference, batch_sources(run, reference.mode, data, 0, 1), schedule):
+        pass
     return {name: p.detach().clone() for level in Level for name, p in named_level_parameters(model, level)}

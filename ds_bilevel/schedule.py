@@ -1,7 +1,7 @@
 """The training schedule shared by the DeepSpeed engine and the plain-PyTorch reference.
 
-One place says which step runs when and on which data, so the engine and its reference
-cannot drift apart:
+One place says which step runs when and on which data, and one loop (``run_steps``) walks
+it for both of them (``Stepper``), so the engine and its reference cannot drift apart:
 
 - one_level (LoRA, DoRA): every step trains the inner level on the whole training set;
 - sharpness (Bi-LoRA): every step runs one pass on the whole training set, the inner
@@ -16,12 +16,14 @@ set: the first ``split_ratio`` share is D1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ds_bilevel.data import GlobalBatchOrder, collate, labelled_count
+from ds_bilevel.levels import StepKind, TrainingMode
 
 
 def split_d1_d2(num_examples: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
@@ -32,24 +34,24 @@ def split_d1_d2(num_examples: int, ratio: float, seed: int) -> tuple[list[int], 
     return sorted(order[:cut]), sorted(order[cut:])
 
 
-def events(mode: str, max_steps: int, unroll_steps: int = 1, outer_steps: int = 1,
-           retrain_steps: int = 0) -> Iterator[tuple[str, int]]:
-    """("inner" | "sharpness" | "outer" | "retrain", index of that kind of step), in order."""
+def events(mode: TrainingMode, max_steps: int, unroll_steps: int = 1, outer_steps: int = 1,
+           retrain_steps: int = 0) -> Iterator[tuple[StepKind, int]]:
+    """(kind of step, index of that kind of step), in order."""
     outer = 0
     for step in range(max_steps):
-        yield ("sharpness" if mode == "sharpness" else "inner"), step
-        if mode == "bilevel" and (step + 1) % unroll_steps == 0:
+        yield (StepKind.SHARPNESS if mode == TrainingMode.SHARPNESS else StepKind.INNER), step
+        if mode == TrainingMode.BILEVEL and (step + 1) % unroll_steps == 0:
             for _ in range(outer_steps):
-                yield "outer", outer
+                yield StepKind.OUTER, outer
                 outer += 1
-    for step in range(retrain_steps if mode == "bilevel" else 0):
-        yield "retrain", step
+    for step in range(retrain_steps if mode == TrainingMode.BILEVEL else 0):
+        yield StepKind.RETRAIN, step
 
 
-def outer_step_count(mode: str, max_steps: int, unroll_steps: int, outer_steps: int) -> int:
-    if mode == "sharpness":
+def outer_step_count(mode: TrainingMode, max_steps: int, unroll_steps: int, outer_steps: int) -> int:
+    if mode == TrainingMode.SHARPNESS:
         return max_steps
-    return (max_steps // unroll_steps) * outer_steps if mode == "bilevel" else 0
+    return (max_steps // unroll_steps) * outer_steps if mode == TrainingMode.BILEVEL else 0
 
 
 @dataclass
@@ -86,3 +88,54 @@ class BatchSource:
             step, k, self.rank, self.world_size, self.micro_batch)], self.pad_id)
             for k in range(self.accumulation)]
         return Batch(micro, sum(self.labelled[i] for i in global_ids), sum(self.lengths[i] for i in global_ids))
+
+
+class Stepper(Protocol):
+    """What the step loop needs of a trainer: ``BilevelEngine`` (DeepSpeed) and
+    ``reference.ReferenceBilevel`` (plain PyTorch) both implement it. Each step returns its loss
+    (the engine's a device tensor, read only when logging)."""
+
+    mode: TrainingMode
+
+    def inner_step(self, batch: Batch) -> torch.Tensor | float: ...
+
+    def outer_step(self, batch: Batch) -> torch.Tensor | float: ...
+
+    def sharpness_step(self, batch: Batch) -> torch.Tensor | float: ...
+
+    def start_retraining(self) -> None: ...
+
+
+def take_step(stepper: Stepper, kind: StepKind, batch: Batch) -> torch.Tensor | float:
+    """One step of ``kind`` on ``batch``: a retraining step is an inner step (on D1 + D2)."""
+    if kind in (StepKind.INNER, StepKind.RETRAIN):
+        return stepper.inner_step(batch)
+    if kind == StepKind.OUTER:
+        return stepper.outer_step(batch)
+    if kind == StepKind.SHARPNESS:
+        return stepper.sharpness_step(batch)
+    raise ValueError(f"unknown step kind {kind!r}; allowed: {[k.value for k in StepKind]}")
+
+
+@dataclass
+class Step:
+    position: int
+    """Index in the schedule."""
+    kind: StepKind
+    index: int
+    """Index among the steps of its kind."""
+    batch: Batch
+    loss: torch.Tensor | float
+
+
+def run_steps(stepper: Stepper, sources: Mapping[str, BatchSource], schedule: Sequence[tuple[StepKind, int]],
+              start: int = 0) -> Iterator[Step]:
+    """The step loop, the one every trainer runs (the recipe, the reference, the tests' scripts): from
+    position ``start`` of ``schedule`` on, each step on its batch, switching to the retraining phase
+    at its first step; yields each step after it ran."""
+    for position in range(start, len(schedule)):
+        kind, index = schedule[position]
+        if kind == StepKind.RETRAIN and index == 0:
+            stepper.start_retraining()
+        batch = sources[kind].batch(index)
+        yield Step(position, kind, index, batch, take_step(stepper, kind, batch))

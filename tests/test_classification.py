@@ -24,7 +24,7 @@ from ds_bilevel.heads import is_encoder
 from ds_bilevel.hypergrad import Objective
 from ds_bilevel.levels import Level, adapter_layers, named_level_parameters
 from ds_bilevel.models import is_encoder_model, load_tokenizer
-from ds_bilevel.recipe import prepare
+from ds_bilevel.preparation import prepare
 from ds_bilevel.reference import ReferenceBilevel
 from ds_bilevel.schedule import BatchSource
 

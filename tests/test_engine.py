@@ -16,7 +16,8 @@ from ds_bilevel.builtin.model import build_builtin_model
 from ds_bilevel.config import config_from_flat
 from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import load_tokenizer
-from ds_bilevel.recipe import base_checksum, prepare
+from ds_bilevel.outputs import base_checksum
+from ds_bilevel.preparation import prepare
 from ds_bilevel.reference import run_reference
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))

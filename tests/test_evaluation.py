@@ -13,7 +13,7 @@ from ds_bilevel.adapters.bilora_sam import auxiliary_layers
 from ds_bilevel.config import config_from_flat
 from ds_bilevel.evaluation import inference_forward, local_totals, metrics_from_totals, rank_shard
 from ds_bilevel.export import export
-from ds_bilevel.recipe import prepare
+from ds_bilevel.preparation import prepare
 
 SAM = {"model_name_or_path": "builtin:micro-llama", "adapter.method": "bilora_sam", "data.train_size": 64,
        "data.eval_size": 16, "micro_batch_size": 2, "max_steps": 6, "learning_rate": 1e-2, "adapter.rho": 0.5,

@@ -70,7 +70,7 @@ def test_explicit_lists_still_select_and_all_linear_stands_alone():
 
 def test_prepare_reports_the_adapted_layers(tmp_path):
     from ds_bilevel.data import DataConfig
-    from ds_bilevel.recipe import prepare
+    from ds_bilevel.preparation import prepare
 
     run = RunConfig(model_name_or_path="builtin:micro-llama", output_dir=str(tmp_path), gradient_checkpointing=False,
                     data=DataConfig(train_size=8, eval_size=4))

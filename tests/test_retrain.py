@@ -7,7 +7,7 @@ import torch
 
 from ds_bilevel.config import config_from_flat
 from ds_bilevel.levels import Level, named_level_parameters
-from ds_bilevel.recipe import batch_sources, prepare
+from ds_bilevel.preparation import batch_sources, prepare
 from ds_bilevel.reference import ReferenceBilevel, run_reference
 from ds_bilevel.schedule import events
 

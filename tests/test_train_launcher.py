@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
 from ds_bilevel.builtin.model import build_builtin_model
 from ds_bilevel.models import load_tokenizer
-from ds_bilevel.recipe import base_checksum
+from ds_bilevel.outputs import base_checksum
 
 pytestmark = pytest.mark.launcher
 

@@ -1,6 +1,6 @@
-"""Run under the deepspeed launcher: step a real TrainingRecipe by hand and record, after every
-step, which levels' fp32 master weights changed (bitwise), and the frozen base's checksum
-at the end. Writes OUT (json) on rank 0."""
+"""Run under the deepspeed launcher: step a real TrainingRecipe's engine through the shared step loop
+(schedule.run_steps) and record, after every step, which levels' fp32 master weights changed
+(bitwise), and the frozen base's checksum at the end. Writes OUT (json) on rank 0."""
 
 import json
 import sys
@@ -12,8 +12,9 @@ from ds_bilevel.config import config_from_flat
 from ds_bilevel.distributed import release_shm_buffers
 from ds_bilevel.ds_config import fill_ds_config
 from ds_bilevel.levels import Level
-from ds_bilevel.recipe import TrainingRecipe, base_checksum
-from ds_bilevel.schedule import events
+from ds_bilevel.outputs import base_checksum, level_values
+from ds_bilevel.recipe import TrainingRecipe
+from ds_bilevel.schedule import events, run_steps
 
 CASES = {
     "bidora-darts-zero3-bf16": ({"adapter.method": "bidora", "bilevel.hypergrad": "darts"}, 3, True),
@@ -54,14 +55,14 @@ def main(out_path: str) -> None:
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
         recipe = TrainingRecipe(run, fill_ds_config(ds, run, torch.distributed.get_world_size()))
         recipe.setup()
-        previous, steps = recipe._level_values(), []
-        for kind, index in events(recipe.engine.mode, run.max_steps, run.bilevel.unroll_steps,
-                                  run.bilevel.outer_steps):
-            loss = recipe.engine.step(kind, recipe.sources[kind].batch(index))
-            current = recipe._level_values()
+        previous, steps = level_values(recipe.engine.module), []
+        schedule = list(events(recipe.engine.mode, run.max_steps, run.bilevel.unroll_steps, run.bilevel.outer_steps))
+        for step in run_steps(recipe.engine, recipe.sources, schedule):
+            current = level_values(recipe.engine.module)
             changed = {level.value: any(not torch.equal(current[level][n], previous[level][n])
                                         for n in current[level]) for level in Level}
-            steps.append({"kind": kind, "loss": float(loss), **changed})  # the engine keeps it on the device
+            # The engine keeps the loss on the device.
+            steps.append({"kind": step.kind.value, "loss": float(step.loss), **changed})
             previous = current
         results[name] = {"steps": steps, "batched_reads": batched_read_errors(recipe.engine),
                          "base_sha256": base_checksum(recipe.engine.module),
