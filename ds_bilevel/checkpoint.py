@@ -18,6 +18,7 @@ checkpoint folder must be on a filesystem all nodes share (as DeepSpeed's ``late
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,19 +60,47 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
     if rank == 0 and partial.exists():
         shutil.rmtree(partial)  # left by a job killed while saving
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=partial.name, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
-    if rank == 0:
-        files = {str(f.relative_to(partial)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(partial.rglob("*")) if f.is_file()}
-        write_atomically(partial / MANIFEST, json.dumps({"tag": tag_name, "files": files, "run": run_facts_of_this_run,
-                                                         **(manifest_extra or {})}))
-        if final.exists():  # the same step saved again (a resume from an older checkpoint)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_atomically(folder / "latest", tag_name)
+    with disk_full_named(partial):
+        engine.save_checkpoint(str(folder), tag=partial.name, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
+    with disk_full_named(partial):  # the manifest and the renames, rank 0
+        if rank == 0:
+            files = {str(f.relative_to(partial)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(partial.rglob("*")) if f.is_file()}
+            manifest = {"tag": tag_name, "files": files, "run": run_facts_of_this_run, **(manifest_extra or {})}
+            write_atomically(partial / MANIFEST, json.dumps(manifest))
+            if final.exists():  # the same step saved again (a resume from an older checkpoint)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            write_atomically(folder / "latest", tag_name)
     dist.barrier()
     return final
+
+
+class DiskFull(OSError):
+    """A checkpoint save ran out of space: the line names the folder and the space left."""
+
+
+@contextlib.contextmanager
+def disk_full_named(folder: Path):
+    """torch.save reports a full disk as "unexpected pos ..." (its zip writer), and the other ranks
+    then blame this one for dying: say "no space left on device" and where instead."""
+    import errno
+
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        text = str(error)
+        if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text
+                or "unexpected pos" in text):
+            raise
+        try:
+            free = f"{shutil.disk_usage(folder.parent).free / 2**20:.0f} MiB free there now"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFull(errno.ENOSPC, f"no space left on device while saving checkpoint {folder} ({free}); "
+                                     f"free space or move output_dir, then resume from the last complete "
+                                     f"checkpoint (--resume_from_checkpoint latest)") from None
 
 
 def read_manifest(folder: Path) -> dict:

@@ -130,3 +130,83 @@ def failure_line(rank: int, error: BaseException, heartbeat: Heartbeat | None) -
     blame = (f"rank(s) {silent} stopped responding (killed, out of memory or frozen); "
              if silent else "")
     return f"rank {rank}: {blame}{type(error).__name__}: {first} (see docs/failures.md)"
+
+
+# ---- stopping on request (SIGTERM, the launcher gone): every rank saves the same step, then stops ----
+STOP_KEY = "ds_bilevel/stop_at_step"
+_stop = {"reason": None, "polled": False, "published": False}
+
+
+class Preempted(RuntimeError):
+    """The run stopped on request after saving a checkpoint at the step it reached."""
+
+
+def reset_stop() -> None:
+    _stop.update(reason=None, polled=False, published=False)
+
+
+def request_stop(reason: str) -> bool:
+    """Ask the training loop to save and stop (from a signal handler or the launcher watchdog).
+    False when no training loop polls yet (set-up, evaluation before training): stop at once then."""
+    if not _stop["polled"]:
+        return False
+    _stop["reason"] = _stop["reason"] or reason
+    return True
+
+
+def stop_requested(step: int, world_size: int) -> str | None:
+    """Called by every rank after each step (an inner step and its outer steps): the reason to stop
+    when ``step`` is the step to save and stop at, else None.
+
+    Ranks get the signal at slightly different moments; the first to see it publishes a step in the
+    process group's store (no collective, no device sync: one store round trip per step), one past
+    its own: every rank is then still at or before that step, since each step holds collectives."""
+    _stop["polled"] = True
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return _stop["reason"]
+    store = dist.distributed_c10d._get_default_store()
+    if _stop["reason"] and not _stop["published"]:
+        store.compare_set(STOP_KEY, "", f"{step + (1 if world_size > 1 else 0)}:{_stop['reason']}")
+        _stop["published"] = True
+    if not store.check([STOP_KEY]):
+        return None
+    at, _, reason = store.get(STOP_KEY).decode().partition(":")
+    return reason if step >= int(at) else None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def watch_launcher(on_gone, interval: float = 1.0) -> bool:
+    """Under DeepSpeed's per-node ``launch.py``: call ``on_gone()`` once when it, or the ``deepspeed``
+    runner above it, ends (SIGTERM to the runner alone would leave the ranks running as orphans).
+    False (nothing watched) when this rank was not started by launch.py."""
+    import threading
+    import time
+
+    launcher = os.getppid()
+    try:
+        with open(f"/proc/{launcher}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    if "deepspeed.launcher.launch" not in command and "deepspeed/launcher/launch" not in command:
+        return False
+    runner = _parent_of(launcher)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != launcher or _parent_of(launcher) != runner:
+                on_gone()
+                return
+
+    threading.Thread(target=watch, name="ds_bilevel-launcher-watch", daemon=True).start()
+    return True

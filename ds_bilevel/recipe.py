@@ -18,7 +18,7 @@ import torch
 from ds_bilevel import checkpoint
 from ds_bilevel.adapters.inject import layer_kinds
 from ds_bilevel.config import RunConfig, config_to_dict
-from ds_bilevel.distributed import Heartbeat, init_distributed
+from ds_bilevel.distributed import Heartbeat, Preempted, init_distributed, stop_requested
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.levels import Level, StepKind
@@ -197,10 +197,15 @@ class TrainingRecipe:
                        "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed, "nonfinite_steps": nonfinite})
         if (run.eval_steps and step % run.eval_steps == 0 or step == run.max_steps) and step < total:
             self._evaluate(step)  # and at the end of the bi-level phase when retraining follows
-        if run.save_steps and (step % run.save_steps == 0 or step == total):
+        stop = stop_requested(step, self.world_size)  # SIGTERM / launcher gone: save this step, stop (issue 17)
+        if stop or run.save_steps and (step % run.save_steps == 0 or step == total):
             # The last step too (as HF Trainer): a finished run can be resumed with a larger
             # max_steps, and a crash in the final save or export loses nothing.
             self._save_checkpoint(state)
+        if stop:
+            saved = self.output_dir / "checkpoints" / f"step{step}"
+            raise Preempted(f"stopped by {stop} at step {step}: saved {saved}; resume with "
+                            f"--resume_from_checkpoint latest")
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, state: Progress) -> None:

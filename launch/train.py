@@ -158,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available() and zero_stage(ds_config) == 3:
         return_large_frees_to_the_os()  # gathered ZeRO-3 parameters must not stay resident on CPU ranks
+    from ds_bilevel.checkpoint import DiskFull
+    from ds_bilevel.distributed import Preempted, request_stop, reset_stop, watch_launcher
     from ds_bilevel.engine import NonFiniteError
     from ds_bilevel.files import release_lock, write_run_manifest
     from ds_bilevel.recipe import TrainingRecipe
 
     phases.mark("validation")
     recipe = TrainingRecipe(run, ds_config, phases)
+    reset_stop()
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    # The deepspeed runner stopped alone (SIGTERM to it): its ranks stop too, as on SIGTERM.
+    watch_launcher(lambda: request_stop("the deepspeed launcher ended") or os.kill(os.getpid(), signal.SIGTERM))
     try:
         recipe.setup()
         trained = recipe.train()
@@ -177,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.rank == 0:  # the record that the folder's files belong to one finished run, then unlock
             write_run_manifest(Path(run.output_dir), run_id)
             release_lock(Path(run.output_dir))
+    except Preempted as error:  # every rank, after the same step's checkpoint
+        if recipe.rank == 0:
+            report(f"error: {error}")
+        return PREEMPTED_EXIT
+    except DiskFull as error:
+        report(f"error: rank {recipe.rank}: {error}")
+        return 1
     except NonFiniteError as error:  # raised by every rank at the same step
         if recipe.rank == 0:
             report(f"error: {error}")
@@ -201,10 +213,30 @@ def report(line: str) -> None:
 
 
 class Stopped(RuntimeError):
-    """SIGTERM: the launcher stops every rank when one of them fails (or the job is cancelled)."""
+    """SIGTERM before training: the launcher stops every rank when one of them fails (or the job is
+    cancelled)."""
+
+
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended: the run stopped on request.
+PREEMPTED_EXIT = 143
 
 
 def stop_on_sigterm(signum, frame):
+    """SIGTERM during training asks every rank to save the step it reaches and stop
+    (distributed.stop_requested; exit 143); before training it stops at once."""
+    from ds_bilevel.distributed import request_stop
+
+    if request_stop("SIGTERM"):
+        if os.environ.get("RANK", "0") == "0":
+            report("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        # The scheduler signals every process and DeepSpeed's launch.py signals its ranks again:
+        # later SIGTERMs change nothing (SIGKILL, after launch.py's 30 s, still ends a stuck rank).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    stop_now(signum, frame)
+
+
+def stop_now(signum, frame):
     raise Stopped("stopped by SIGTERM (the launcher stops all ranks when one fails, or the job was cancelled)")
 
 

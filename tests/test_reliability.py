@@ -121,3 +121,69 @@ def test_damaged_checkpoint_is_refused_before_launch(tmp_path, uninterrupted, da
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing written
+
+
+# ---- SIGTERM (a scheduler's time limit) and the launcher stopped alone (issue 17 item 4) ------------
+def start_job(out: Path) -> tuple[subprocess.Popen, float]:
+    """A long 2-rank LoRA run in its own session; returns once it has logged step 3."""
+    import os
+    import time
+
+    from launch_helpers import cpu_env, free_port
+
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(free_port()), str(REPO / "launch" / "train.py"), "--method", "lora", *SMALL, "--max_steps", "500",
+               "--output_dir", str(out)]
+    job = subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if any(row.get("step", 0) >= 3 and "train_loss" in row for row in rows):
+            return job, time.time()
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(job.pid, 9)
+    raise AssertionError("the job did not reach step 3")
+
+
+@pytest.mark.parametrize("target", ["every process", "the runner alone"])
+def test_sigterm_saves_the_current_step_and_says_where_to_resume(tmp_path, target):
+    """SIGTERM to every process of the job, or to the deepspeed runner alone (whose ranks must not
+    run on as orphans): every rank saves the step it reached and stops; one line says where to resume."""
+    import os
+    import signal
+    import time
+
+    from ds_bilevel.checkpoint import verify
+
+    out = tmp_path / "run"
+    job, _ = start_job(out)
+    sent = time.time()
+    if target == "every process":
+        os.killpg(job.pid, signal.SIGTERM)
+    else:
+        job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)  # EOF: every rank has exited (they hold the pipes)
+    stopped_after = time.time() - sent
+    assert stopped_after < 30, stopped_after  # DeepSpeed's launch.py SIGKILLs after 30 s
+    step = (out / "checkpoints" / "latest").read_text()
+    verify(out / "checkpoints" / step)
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    reason = "SIGTERM" if target == "every process" else "the deepspeed launcher ended"
+    assert lines == [f"error: stopped by {reason} at {step.replace('step', 'step ')}: saved "
+                     f"{out / 'checkpoints' / step}; resume with --resume_from_checkpoint latest"], stderr[-3000:]
+    print(f"{target}: stopped {stopped_after:.1f} s after SIGTERM at {step}")
+
+
+def test_a_full_disk_is_named(tmp_path):
+    """torch.save's "unexpected pos" on a full disk becomes one line saying so and where."""
+    from ds_bilevel.checkpoint import DiskFull, disk_full_named
+
+    expected = r"no space left on device while saving checkpoint .*step4.partial \(\d+ MiB free there now\); free"
+    with pytest.raises(DiskFull, match=expected), disk_full_named(tmp_path / "step4.partial"):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed, unexpected pos 64 vs 0")
+    with pytest.raises(KeyError), disk_full_named(tmp_path):
+        raise KeyError("other errors pass through")
