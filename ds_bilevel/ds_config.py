@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ds_bilevel.config import RunConfig
+if TYPE_CHECKING:
+    from ds_bilevel.config import RunConfig
 
 # The features the engine builds itself: a config that sets them would fight it.
 # section -> (why, the settings that do its job instead).
@@ -164,10 +167,35 @@ def fill_ds_config(ds_config: dict, run: RunConfig, world_size: int) -> dict:
     return filled
 
 
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What ds_bilevel reads of a filled DeepSpeed config, read once (``read``) and handed to the
+    model loading (models.load_model) and the engine."""
+
+    config: dict
+    """The filled config itself, as deepspeed.initialize and transformers' HfDeepSpeedConfig take it."""
+    zero_stage: int
+    """zero_optimization.stage (0 when absent)."""
+    bf16: bool
+    """bf16.enabled: compute weights in bf16, fp32 masters."""
+    offload_optimizer: bool
+    """zero_optimization.offload_optimizer.device is set (not "none"): DeepSpeed's CPU Adam."""
+
+    @classmethod
+    def read(cls, ds_config: dict | DeepSpeedSettings | None) -> DeepSpeedSettings:
+        """The settings of a filled config (given settings pass through; None: an empty config)."""
+        if isinstance(ds_config, DeepSpeedSettings):
+            return ds_config
+        config = ds_config or {}
+        zero = config.get("zero_optimization", {})
+        device = zero.get("offload_optimizer", {}).get("device", "none")
+        return cls(config, zero.get("stage", 0), bool(config.get("bf16", {}).get("enabled")),
+                   device not in (None, "none"))
+
+
 def zero_stage(ds_config: dict) -> int:
-    return ds_config.get("zero_optimization", {}).get("stage", 0)
+    return DeepSpeedSettings.read(ds_config).zero_stage
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
-    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device not in (None, "none")
+    return DeepSpeedSettings.read(ds_config).offload_optimizer

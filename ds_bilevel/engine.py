@@ -22,7 +22,7 @@ from ds_bilevel import checkpoint
 from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.config import RunConfig
-from ds_bilevel.ds_config import offloads_optimizer, zero_stage
+from ds_bilevel.ds_config import DeepSpeedSettings
 from ds_bilevel.hypergrad import HYPERGRADS
 from ds_bilevel.levels import (
     Level,
@@ -61,23 +61,25 @@ def innermost_optimizer(optimizer):
 
 
 class BilevelEngine:
-    def __init__(self, model: torch.nn.Module, run: RunConfig, ds_config: dict):
+    def __init__(self, model: torch.nn.Module, run: RunConfig, ds_config: dict | DeepSpeedSettings):
         import deepspeed
 
+        settings = DeepSpeedSettings.read(ds_config)
         self.run, self.bilevel = run, run.bilevel
         self.mode, self.method = training_mode(model), METHODS[run.adapter.method]
         if self.mode is TrainingMode.SHARPNESS:  # the outer level's ascent happens in backward
             for _, layer in adapter_layers(model):
                 layer.ascend_in_backward = True
         groups = {level: level_parameters(model, level) for level in Level}
-        optimizer = build_optimizer(level_param_groups(groups, run), offload=offloads_optimizer(ds_config))
-        if zero_stage(ds_config) == 3:
+        optimizer = build_optimizer(level_param_groups(groups, run), offload=settings.offload_optimizer)
+        if settings.zero_stage == 3:
             # An adapter reads its base weight outside base_layer's own forward (DoRA's norm):
             # ZeRO-3 must gather a whole adapter layer, children included.
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [AdapterLayer])
-        self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                    config=settings.config)
         self.client_optimizer = innermost_optimizer(self.optimizer)
         self.scheduler = level_scheduler(self.client_optimizer, run, self.mode)
         self.params = {level: level_parameters(self.ds_engine.module, level) for level in Level}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ds_bilevel.builtin.model import build_builtin_model, builtin_names, is_builtin, is_builtin_encoder
+from ds_bilevel.ds_config import DeepSpeedSettings
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -103,8 +104,8 @@ def encoder_skeleton(name: str, trust_remote_code: bool = False):
 _HF_DEEPSPEED_CONFIG = None
 
 
-def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = False, ds_config: dict | None = None,
-               labels: list[str] | None = None):
+def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = False,
+               ds_config: dict | DeepSpeedSettings | None = None, labels: list[str] | None = None):
     """The causal LM, or with ``labels`` (class names) the encoder with its classification head,
     in the run's precision (bf16 when the DeepSpeed config enables it).
 
@@ -113,16 +114,16 @@ def load_model(name: str, vocab_size: int, seed: int, trust_remote_code: bool = 
     (DeepSpeed partitions them at initialize) and read base weights one layer at a time.
     """
     global _HF_DEEPSPEED_CONFIG
-    bf16 = bool(ds_config and ds_config.get("bf16", {}).get("enabled"))
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    settings = DeepSpeedSettings.read(ds_config)
+    dtype = torch.bfloat16 if settings.bf16 else torch.float32
     _HF_DEEPSPEED_CONFIG = None  # transformers holds it weakly: dropping it ends ZeRO-3 mode
-    zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+    zero3 = settings.zero_stage == 3
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers then creates the model under deepspeed.zero.Init and initialises or
         # loads each parameter gathered on its own (from_pretrained and from_config alike).
-        _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)
+        _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(settings.config)
     if is_builtin(name):
         # Built on this rank's GPU where there is one (zero.Init places ZeRO-3's partitions itself).
         device = None if zero3 or not torch.cuda.is_available() else torch.device(

@@ -22,6 +22,7 @@ from ds_bilevel.schedule import BatchSource, split_d1_d2
 
 if TYPE_CHECKING:
     from ds_bilevel.config import RunConfig
+    from ds_bilevel.ds_config import DeepSpeedSettings
     from ds_bilevel.phases import Phases
 
 
@@ -48,7 +49,8 @@ class Prepared:
     adapted: list[str] | None = None  # the adapted layers' names, in model order
 
 
-def prepare(run: RunConfig, ds_config: dict | None = None, phases: Phases | None = None) -> Prepared:
+def prepare(run: RunConfig, ds_config: dict | DeepSpeedSettings | None = None,
+            phases: Phases | None = None) -> Prepared:
     mark = phases.mark if phases is not None else (lambda name: None)
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)

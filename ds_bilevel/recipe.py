@@ -19,6 +19,7 @@ from ds_bilevel import checkpoint
 from ds_bilevel.adapters.inject import layer_kinds
 from ds_bilevel.config import RunConfig, config_to_dict
 from ds_bilevel.distributed import Heartbeat, Preempted, init_distributed, stop_requested
+from ds_bilevel.ds_config import DeepSpeedSettings
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.levels import Level, StepKind
@@ -69,6 +70,7 @@ class Progress:
 class TrainingRecipe:
     def __init__(self, run: RunConfig, ds_config: dict, phases: Phases | None = None):
         self.run, self.ds_config = run, ds_config
+        self.ds_settings = DeepSpeedSettings.read(ds_config)  # read once, for the model and the engine
         self.output_dir = Path(run.output_dir)
         self.phases = phases or Phases()
 
@@ -87,14 +89,14 @@ class TrainingRecipe:
             import datasets
 
             datasets.disable_progress_bars()
-        data = prepare(run, self.ds_config, self.phases)
+        data = prepare(run, self.ds_settings, self.phases)
         # Which layers were adapted, by kind: all-linear picks them from the model (adapters/inject.py).
         self.adapted_layers = {"count": len(data.adapted), "kinds": layer_kinds(data.adapted)}
         if self.rank == 0:
             kinds = ", ".join(f"{kind} x{n}" for kind, n in self.adapted_layers["kinds"].items())
             print(f"adapters: {run.adapter.method} on {len(data.adapted)} layers ({kinds})", flush=True)
         self.tokenizer, self.eval_set = data.tokenizer, data.eval_set
-        self.engine = BilevelEngine(data.model, run, self.ds_config)
+        self.engine = BilevelEngine(data.model, run, self.ds_settings)
         self.phases.mark("deepspeed_initialize")
         self.initial = level_values(self.engine.module)
         self.sources = batch_sources(run, self.engine.mode, data, self.rank, self.world_size)

@@ -40,7 +40,7 @@ def load_builtin_tokenizer():
     from transformers import AutoTokenizer
 
     # AutoTokenizer on the folder, not LlamaTokenizer(vocab_file=...): in transformers 5
-    # the latter silently encodes every text to [] (see ../shared/brief/design.md).
+    # the latter silently encodes every text to [] (docs/design.md, "Known traps").
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     if not tokenizer("a").input_ids[1:]:
         raise RuntimeError(f"builtin tokenizer at {TOKENIZER_DIR} encodes text to nothing")

@@ -21,7 +21,7 @@ def test_merged_layer_output_equals_adapted_output(method, adapted_llama, random
                                                    max_rel_err):
     model, _ = adapted_llama(method)
     randomize(model)
-    zero_auxiliary(model)  # Bi-LoRA merges without its auxiliary module (tested in test_sam.py)
+    zero_auxiliary(model)  # Bi-LoRA merges without its auxiliary module (tested in test_bilora_sam.py)
     for name, layer in adapter_layers(model):
         x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(7))
         # dW really is nonzero, so the comparison below has something to compare.
