@@ -9,6 +9,7 @@ measures and writes is in outputs.py.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
 from ds_bilevel.levels import Level, StepKind
 from ds_bilevel.outputs import (
+    NonFiniteError,
     base_checksum,
     check_finite,
     level_values,
@@ -138,6 +140,12 @@ class TrainingRecipe:
         total = sum(kind != StepKind.OUTER for kind, _ in schedule)  # inner steps, retraining included
         state = self._resume() if run.resume_from_checkpoint else Progress(before=self._evaluate(0))
         self.phases.mark("resume" if run.resume_from_checkpoint else "eval_before")
+        if state.before is not None and not math.isfinite(state.before["eval_loss"]):
+            # NaN/inf base weights make every loss non-finite: stop before the first step, not at the end
+            raise NonFiniteError(f"the evaluation before training gave a non-finite loss (eval_loss "
+                                 f"{state.before['eval_loss']}); nothing was trained or written. A NaN or infinite "
+                                 f"base weight, or settings such as adapter.alpha, make every loss non-finite "
+                                 f"(docs/failures.md)")
         first_position = state.position
         bar = tqdm(total=total, initial=state.inner_done, desc=f"train {run.adapter.method}",
                    disable=self.rank != 0, dynamic_ncols=True)

@@ -451,3 +451,29 @@ def test_non_finite_losses_fail_before_the_outputs_are_written(train, tmp_path, 
     assert lines[0].startswith("error: the run ended with non-finite losses (eval_loss_before nan, eval_loss_after "
                                "nan, train_loss_last nan)"), lines
     assert not saved and not (out / "run_manifest.json").exists() and (out / "ds_bilevel.lock").exists()
+
+
+def test_nan_base_weights_stop_the_run_before_its_first_step(tmp_path):
+    """A base folder holding NaN weights passes every check of its files, and the evaluation before
+    training finds it: exit 1 with one line, no step taken, no adapters, no checkpoint."""
+    from ds_bilevel.builtin.model import build_builtin_model
+    from ds_bilevel.models import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:micro-llama")
+    model = build_builtin_model("builtin:micro-llama", len(tokenizer), seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = tmp_path / "out"
+    command = [sys.executable, "launch/train.py", *RUN[2:], "--model_name_or_path", str(tmp_path / "model"),
+               "--output_dir", str(out)]
+    result = subprocess.run(command, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: the evaluation before training gave a non-finite loss (eval_loss nan)")
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "checkpoints").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0]  # the evaluation before training, and no step after it
