@@ -74,12 +74,20 @@ class RunConfig:
     """Peak learning rate of the adapter parameters."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 of both levels (HF's name; the released BiDoRA code uses 0.9 at both levels)."""
+    adam_beta2: float = 0.999
+    """AdamW beta2 of both levels (HF's name; the released BiDoRA code uses 0.98 at both levels)."""
+    adam_epsilon: float = 1e-8
+    """AdamW eps of both levels (HF's name; the released BiDoRA code uses 1e-6 at both levels)."""
     warmup_ratio: float = 0.1
     """Share of max_steps spent warming the learning rate up linearly from 0."""
     lr_scheduler: str = "linear"
     """Decay after warm-up: linear | cosine | constant."""
     max_grad_norm: float = 1.0
-    """Global gradient-norm clipping (0 turns it off); fills DeepSpeed's gradient_clipping."""
+    """Gradient-norm clipping of the inner level's steps (and of Bi-LoRA's joint step; of the outer
+    level's too unless bilevel.outer_max_grad_norm says otherwise); 0 turns it off. Fills DeepSpeed's
+    gradient_clipping."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (transformers' gradient checkpointing, non-reentrant)."""
     use_liger_kernel: bool = False
@@ -141,6 +149,11 @@ class RunConfig:
         for name in ("use_liger_kernel", "torch_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be in [0, 1)")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"adam_epsilon: {self.adam_epsilon!r} must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -34,7 +34,14 @@ from ds_bilevel.levels import (
     training_mode,
 )
 from ds_bilevel.losses import loss_sum
-from ds_bilevel.optim import build_optimizer, level_param_groups, level_scheduler
+from ds_bilevel.optim import (
+    adam_settings,
+    apply_retraining_settings,
+    build_optimizer,
+    level_max_grad_norm,
+    level_param_groups,
+    level_scheduler,
+)
 from ds_bilevel.outputs import NonFiniteError
 from ds_bilevel.schedule import Batch, StepKind, take_step
 from ds_bilevel.zero_access import (
@@ -54,6 +61,16 @@ def _scale_master_and_weight(param: torch.nn.Parameter, factor: torch.Tensor | f
     scale_compute_weight_(param, factor)
 
 
+def set_gradient_clipping(ds_engine, max_norm: float) -> None:
+    """Make DeepSpeed clip the next engine.step at ``max_norm`` (0: off). DeepSpeed 0.19 reads the
+    value at every step from two places: the ZeRO-1/2/3 and bf16 optimizer wrappers from their own
+    ``clip_grad`` (copied from the config when they were built), fp32 without ZeRO from
+    ``engine._config.gradient_clipping`` (``gradient_clipping()``, in ``_take_model_step``)."""
+    ds_engine._config.gradient_clipping = max_norm
+    if hasattr(ds_engine.optimizer, "clip_grad"):
+        ds_engine.optimizer.clip_grad = max_norm
+
+
 def innermost_optimizer(optimizer):
     while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
@@ -71,7 +88,8 @@ class BilevelEngine:
             for _, layer in adapter_layers(model):
                 layer.ascend_in_backward = True
         groups = {level: level_parameters(model, level) for level in Level}
-        optimizer = build_optimizer(level_param_groups(groups, run), offload=settings.offload_optimizer)
+        optimizer = build_optimizer(level_param_groups(groups, run), offload=settings.offload_optimizer,
+                                    **adam_settings(run))
         if settings.zero_stage == 3:
             # An adapter reads its base weight outside base_layer's own forward (DoRA's norm):
             # ZeRO-3 must gather a whole adapter layer, children included.
@@ -145,6 +163,9 @@ class BilevelEngine:
         reads it together with the gradients' in its one host sync per step."""
         self.client_optimizer.loss_is_finite, self.client_optimizer.skipped = torch.isfinite(loss), False
         skipped_by_deepspeed = self.ds_engine.skipped_steps
+        # Only the stepping levels' gradients are non-zero here (_zero_grads), so DeepSpeed's global
+        # clip is a clip of these levels' own norm: give it their value.
+        set_gradient_clipping(self.ds_engine, level_max_grad_norm(self.run, levels))
         self._close_cycle(levels)
         self.client_optimizer.loss_is_finite = True
         if not (self.client_optimizer.skipped or self.ds_engine.skipped_steps > skipped_by_deepspeed):
@@ -254,11 +275,12 @@ class BilevelEngine:
     def start_retraining(self) -> None:
         """BiDoRA's retraining phase (arXiv 2410.09758, after the bi-level search): the outer level
         (magnitude) stays as the bi-level phase left it; the inner level (direction) restarts from
-        its initial values, with fresh Adam moments and a new schedule over retrain_steps."""
+        its initial values, with fresh Adam moments and a new schedule over retrain_steps, at the
+        bilevel.retrain_* learning rate, weight decay and warm-up."""
         for param, value in zip(self.params[Level.INNER], self._initial_inner, strict=True):
             set_master_value(param, value)
         self.client_optimizer.reset_state(Level.INNER)
-        self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
+        apply_retraining_settings(self.client_optimizer, self.scheduler, self.run, restart=True)
 
     def step(self, kind: StepKind, batch: Batch) -> torch.Tensor:
         """One step of ``kind``; its loss as a device tensor (read it only when logging)."""
@@ -281,6 +303,8 @@ class BilevelEngine:
         if inner_done > self.run.max_steps:
             totals[Level.INNER.value] = self.bilevel.retrain_steps
         self.scheduler.load_state_dict({**state["scheduler"], "totals": totals})
+        if inner_done > self.run.max_steps:
+            apply_retraining_settings(self.client_optimizer, self.scheduler, self.run, restart=False)
         self.nonfinite_steps, self.nonfinite_in_a_row = state["nonfinite"]
 
     # ---- the DeepSpeed engine's services the recipe uses ---------------------------------------

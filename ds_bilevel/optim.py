@@ -123,21 +123,32 @@ class LevelScheduler:
 
     def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: dict[Level, int],
                  warmup_ratio: float):
-        self.optimizer, self.kind, self.warmup_ratio = optimizer, kind, warmup_ratio
+        self.optimizer, self.kind = optimizer, kind
         self.base_lr = {g["level"]: g["lr"] for g in optimizer.param_groups}
         self.totals = {level.value: total_steps[level] for level in Level}
+        self.warmup_ratios = {level.value: warmup_ratio for level in Level}
         self.steps = {level.value: 0 for level in Level}
         self._build()
 
     def _build(self) -> None:
-        self.factors = {level: schedule_lambda(self.kind, max(total, 1), int(self.warmup_ratio * total))
+        self.factors = {level: schedule_lambda(self.kind, max(total, 1), int(self.warmup_ratios[level] * total))
                         for level, total in self.totals.items()}
         for level in self.base_lr:
             self._apply(level)
 
-    def restart(self, level: Level, total_steps: int) -> None:
-        """A new schedule (warm-up and decay) over ``total_steps`` further steps of ``level``."""
+    def restart(self, level: Level, total_steps: int, lr: float | None = None,
+                warmup_ratio: float | None = None) -> None:
+        """A new schedule (warm-up and decay) over ``total_steps`` further steps of ``level``, peaking
+        at ``lr`` with ``warmup_ratio`` of them warming up (None: as before)."""
         self.totals[level.value], self.steps[level.value] = total_steps, 0
+        self.configure(level, lr, warmup_ratio)
+
+    def configure(self, level: Level, lr: float | None = None, warmup_ratio: float | None = None) -> None:
+        """Set the peak learning rate and warm-up share of ``level``'s schedule (None: unchanged)."""
+        if lr is not None and level.value in self.base_lr:
+            self.base_lr[level.value] = lr
+        if warmup_ratio is not None:
+            self.warmup_ratios[level.value] = warmup_ratio
         self._build()
 
     def _apply(self, level: str) -> None:
@@ -167,6 +178,43 @@ def level_param_groups(params: dict[Level, list[torch.nn.Parameter]], run: RunCo
     lr = {Level.INNER: run.learning_rate, Level.OUTER: run.bilevel.outer_learning_rate or run.learning_rate}
     wd = {Level.INNER: run.weight_decay, Level.OUTER: run.bilevel.outer_weight_decay}
     return build_param_groups(params, lr, wd)
+
+
+def adam_settings(run: RunConfig) -> dict:
+    """The AdamW betas and eps of both levels (adam_beta1, adam_beta2, adam_epsilon)."""
+    return {"betas": (run.adam_beta1, run.adam_beta2), "eps": run.adam_epsilon}
+
+
+def level_max_grad_norm(run: RunConfig, levels: tuple[Level, ...]) -> float:
+    """The gradient-norm clip of a step of ``levels`` (0: none): the outer level alone is clipped by
+    bilevel.outer_max_grad_norm (-1: max_grad_norm), any other step by max_grad_norm."""
+    if tuple(levels) == (Level.OUTER,) and run.bilevel.outer_max_grad_norm != -1:
+        return run.bilevel.outer_max_grad_norm
+    return run.max_grad_norm
+
+
+def retraining_settings(run: RunConfig) -> tuple[float, float, float]:
+    """(learning rate, weight decay, warm-up ratio) of the inner level in BiDoRA's retraining phase,
+    the bilevel.retrain_* settings with their fallbacks resolved."""
+    bilevel = run.bilevel
+    return (bilevel.retrain_learning_rate or run.learning_rate,
+            run.weight_decay if bilevel.retrain_weight_decay == -1 else bilevel.retrain_weight_decay,
+            run.warmup_ratio if bilevel.retrain_warmup_ratio == -1 else bilevel.retrain_warmup_ratio)
+
+
+def apply_retraining_settings(optimizer: torch.optim.Optimizer, scheduler: LevelScheduler, run: RunConfig,
+                              restart: bool) -> None:
+    """Give the inner level the retraining phase's weight decay (its param groups) and learning-rate
+    schedule: a new one over retrain_steps (``restart``), or the same settings on the current one (a
+    resume inside the phase, whose step count the checkpoint restores)."""
+    lr, weight_decay, warmup = retraining_settings(run)
+    for group in optimizer.param_groups:
+        if group["level"] == Level.INNER.value:
+            group["weight_decay"] = weight_decay
+    if restart:
+        scheduler.restart(Level.INNER, run.bilevel.retrain_steps, lr, warmup)
+    else:
+        scheduler.configure(Level.INNER, lr, warmup)
 
 
 def level_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, mode: TrainingMode) -> LevelScheduler:

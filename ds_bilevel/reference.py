@@ -19,7 +19,14 @@ from ds_bilevel.config import RunConfig
 from ds_bilevel.hypergrad import HYPERGRADS
 from ds_bilevel.levels import Level, Objective, level_parameters, named_level_parameters, regularizer, training_mode
 from ds_bilevel.losses import loss_sum
-from ds_bilevel.optim import LevelAdamW, level_param_groups, level_scheduler
+from ds_bilevel.optim import (
+    LevelAdamW,
+    adam_settings,
+    apply_retraining_settings,
+    level_max_grad_norm,
+    level_param_groups,
+    level_scheduler,
+)
 from ds_bilevel.preparation import batch_sources, prepare
 from ds_bilevel.schedule import Batch, StepKind, events, run_steps, take_step
 from ds_bilevel.zero_access import scale_compute_weight_
@@ -32,7 +39,7 @@ class ReferenceBilevel:
         self.model, self.run, self.bilevel = model, run, run.bilevel
         self.mode, self.method = training_mode(model), METHODS[run.adapter.method]
         self.params = {level: level_parameters(model, level) for level in Level}
-        self.optimizer = LevelAdamW(level_param_groups(self.params, run))
+        self.optimizer = LevelAdamW(level_param_groups(self.params, run), **adam_settings(run))
         self.scheduler = level_scheduler(self.optimizer, run, self.mode)
         self.batches: dict[Objective, Batch] = {}
         self.losses: dict[Objective, float] = {}
@@ -78,13 +85,15 @@ class ReferenceBilevel:
 
     # ---- steps (mirroring BilevelEngine) -----------------------------------------------------
     def _apply(self, grads: dict[Level, list[torch.Tensor]]) -> None:
-        """Set the gradients of the stepping levels, clip their joint norm (as DeepSpeed's
-        gradient_clipping does), step those levels only."""
+        """Set the gradients of the stepping levels, clip their joint norm at these levels' value
+        (optim.level_max_grad_norm, as the engine sets DeepSpeed's gradient_clipping), step those
+        levels only."""
         params = [p for level in grads for p in self.params[level]]
         for param, grad in zip(params, [g for level in grads for g in grads[level]], strict=True):
             param.grad = grad
-        if self.run.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.run.max_grad_norm)
+        max_norm = level_max_grad_norm(self.run, tuple(grads))
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.active_levels = frozenset(level.value for level in grads)
         self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
@@ -116,7 +125,7 @@ class ReferenceBilevel:
         for param, value in zip(self.params[Level.INNER], self._initial_inner, strict=True):
             param.copy_(value)
         self.optimizer.reset_state(Level.INNER)
-        self.scheduler.restart(Level.INNER, self.bilevel.retrain_steps)
+        apply_retraining_settings(self.optimizer, self.scheduler, self.run, restart=True)
 
     def step(self, kind: StepKind, batch: Batch) -> float:
         return take_step(self, kind, batch)

@@ -22,6 +22,10 @@ class BilevelConfig:
     """Peak learning rate of the outer level (0: the same as learning_rate)."""
     outer_weight_decay: float = 0.0
     """Decoupled weight decay of the outer level (BiDoRA's scripts decay the magnitude, 0 to 1)."""
+    outer_max_grad_norm: float = -1.0
+    """Gradient-norm clipping of the outer level's steps, on its own norm (-1: the same value as
+    max_grad_norm; 0: off, as Betty's default and the released BiDoRA code). Each level is clipped
+    by its own norm; Bi-LoRA's joint step uses max_grad_norm."""
     hypergrad_eps: float = 0.01
     """Central-difference step: the inner weights move by eps / ||u|| * u (DARTS and Betty use 0.01)."""
     darts_form: str = "betty"
@@ -30,12 +34,23 @@ class BilevelConfig:
     neumann_terms: int = 3
     """K: terms of the Neumann series for the inverse Hessian-vector product."""
     neumann_alpha: float = 0.0
-    """Step of the Neumann series, p = alpha sum_k (I - alpha H)^k v (0: the inner learning rate)."""
+    """Step of the Neumann series, p = alpha sum_k (I - alpha H)^k v (0: the inner learning rate; the
+    correction then shrinks with the learning rate, about 0.008x darts' at lr 2e-3 and K 3; Betty uses
+    alpha 1 and K 1, docs/methods.md)."""
     cg_steps: int = 3
     """K: conjugate-gradient iterations for H p = v."""
     retrain_steps: int = 0
     """BiDoRA's retraining phase: after the bi-level steps, freeze the outer level and train the inner
     level again from its initial values on all the training data (D1 + D2) for N steps (0: none)."""
+    retrain_learning_rate: float = 0.0
+    """Peak learning rate of the inner level in the retraining phase (0: the same as learning_rate;
+    the released BiDoRA code's retrain_lr)."""
+    retrain_weight_decay: float = -1.0
+    """Decoupled weight decay of the inner level in the retraining phase (-1: the same as weight_decay,
+    as the released BiDoRA code falls back)."""
+    retrain_warmup_ratio: float = -1.0
+    """Share of retrain_steps spent warming the retraining learning rate up from 0 (-1: the same as
+    warmup_ratio; the released BiDoRA code uses 0.1)."""
 
     def validate(self) -> None:
         if self.hypergrad not in HYPERGRAD_METHODS:
@@ -50,9 +65,19 @@ class BilevelConfig:
             raise ValueError(f"bilevel.split_ratio: {self.split_ratio!r} must be in (0, 1)")
         if not self.hypergrad_eps > 0:
             raise ValueError(f"bilevel.hypergrad_eps: {self.hypergrad_eps!r} must be > 0")
-        for name in ("outer_learning_rate", "outer_weight_decay", "neumann_alpha", "retrain_steps"):
+        for name in ("outer_learning_rate", "outer_weight_decay", "neumann_alpha", "retrain_steps",
+                     "retrain_learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"bilevel.{name}: {getattr(self, name)!r} must be >= 0")
+        if not (self.outer_max_grad_norm >= 0 or self.outer_max_grad_norm == -1):
+            raise ValueError(f"bilevel.outer_max_grad_norm: {self.outer_max_grad_norm!r} must be >= 0, or -1 (the "
+                             f"same as max_grad_norm)")
+        if not (self.retrain_weight_decay >= 0 or self.retrain_weight_decay == -1):
+            raise ValueError(f"bilevel.retrain_weight_decay: {self.retrain_weight_decay!r} must be >= 0, or -1 (the "
+                             f"same as weight_decay)")
+        if not (0 <= self.retrain_warmup_ratio < 1 or self.retrain_warmup_ratio == -1):
+            raise ValueError(f"bilevel.retrain_warmup_ratio: {self.retrain_warmup_ratio!r} must be in [0, 1), or -1 "
+                             f"(the same as warmup_ratio)")
 
     def passes_per_outer_step(self) -> int:
         """Forward/backward passes over one global batch that one outer step costs."""
