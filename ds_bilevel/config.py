@@ -1,7 +1,8 @@
 """Typed run settings: one dataclass tree, read from YAML then the command line, validated here.
 
 Precedence: dataclass defaults < the DeepSpeed JSON's concrete values (micro batch,
-accumulation, clipping: taken by ``ds_config.settings_from_ds_config``) < ``--config run.yaml``
+accumulation, clipping: taken by ``ds_config.settings_from_ds_config``) < ``--preset NAME`` (a YAML
+file shipped in ds_bilevel/presets/, docs/methods.md "Presets") < ``--config run.yaml``
 < command-line flags; ``RunConfig.sources`` records where each given setting came from. Nested
 sections are addressed with a dot on the command line (``--adapter.rank 16``) and as
 mappings in YAML (``adapter: {rank: 16}``). Unknown keys are rejected with the list
@@ -33,6 +34,7 @@ LR_SCHEDULERS = ("linear", "cosine", "constant")
 # The nested sections of RunConfig: field name -> (module, dataclass). The modules import torch, so
 # the command line's help is read from their source (``settings``) and the classes are imported on
 # first use (``section_class``).
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SECTIONS = {"adapter": ("ds_bilevel.adapters.config", "AdapterConfig"),
             "data": ("ds_bilevel.data", "DataConfig"),
             "bilevel": ("ds_bilevel.hypergrad.config", "BilevelConfig")}
@@ -444,9 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     allowed values as help; no prefix abbreviations. Imports nothing heavy (--help answers at once)."""
     parser = _Parser(description="Train an adapter with DeepSpeed (ds_bilevel). Every setting below is a "
                      "flag, also settable in a YAML file given with --config (nested: adapter: {rank: 16}); "
-                     "precedence: defaults < the DeepSpeed JSON's batch sizes < YAML < flags. docs/usage.md "
-                     "explains them.", usage="%(prog)s [-h] [--config YAML] [--SETTING VALUE ...]",
+                     "precedence: defaults < the DeepSpeed JSON's batch sizes < preset < YAML < flags. "
+                     "docs/usage.md explains them.",
+                     usage="%(prog)s [-h] [--preset NAME] [--config YAML] [--SETTING VALUE ...]",
                      argument_default=argparse.SUPPRESS, allow_abbrev=False, formatter_class=_HelpFormatter)
+    parser.add_argument("--preset", metavar="NAME", help=f"the settings a paper or its released code used "
+                        f"({', '.join(preset_names())}; docs/methods.md, \"Presets\"); --config and flags override "
+                        f"them")
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings; command-line flags override it")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     groups = {"": parser.add_argument_group("run settings")}
@@ -462,17 +468,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(argv: list[str] | None = None) -> RunConfig:
-    """Defaults < YAML < command line; then validate. Raises ValueError on any bad setting."""
+    """Defaults < preset < YAML < command line; then validate. Raises ValueError on any bad setting."""
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
     values, sources = {}, {}
+    if "preset" in args:
+        name = args.pop("preset")
+        values.update(read_preset(name))
+        sources.update(dict.fromkeys(values, f"the preset {name}"))
     if "config" in args:
         path = args.pop("config")
-        values.update(read_yaml(path))
-        sources.update(dict.fromkeys(values, f"the config file {path}"))
+        given = read_yaml(path)
+        values.update(given)
+        sources.update(dict.fromkeys(given, f"the config file {path}"))
     values.update(args)
     sources.update(dict.fromkeys(args, "the command line"))
     return config_from_flat(values, sources)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package (ds_bilevel/presets/<name>.yaml)."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(name: str) -> dict:
+    """A preset's settings, flat ({"adapter.rank": 4, ...}); an unknown name is refused in one line."""
+    if name not in preset_names():
+        raise ValueError(f"preset: {name!r} is not one of {preset_names()}")
+    return read_yaml(str(PRESETS_DIR / f"{name}.yaml"))
 
 
 def read_yaml(path: str) -> dict:

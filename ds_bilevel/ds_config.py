@@ -2,9 +2,10 @@
 run's settings (as HF does).
 
 Precedence, for the settings a DeepSpeed config can also hold (micro batch, accumulation, the
-global batch, clipping): command-line flag > YAML config file > the DeepSpeed JSON's concrete
-value > the project default. A value given both as a flag or in the YAML and in the JSON must be
-the same number; otherwise the run is refused with one line naming both.
+global batch, clipping): command-line flag > YAML config file > preset (--preset) > the DeepSpeed
+JSON's concrete value > the project default. A value given both as a flag or in the YAML and in
+the JSON must be the same number; otherwise the run is refused with one line naming both. A
+preset's value replaces the JSON's.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def _given(run: RunConfig, setting: str) -> str | None:
     return run.sources.get(setting)
 
 
+def _from_preset(run: RunConfig, setting: str) -> bool:
+    """Whether ``setting`` holds a preset's value (which the DeepSpeed JSON's does not override)."""
+    return (run.sources or {}).get(setting, "").startswith("the preset ")
+
+
 def _concrete(ds_config: dict, key: str, integer: bool):
     """The JSON's value of ``key``, None for "auto" or absent; refuses a value of the wrong type."""
     value = ds_config.get(key, "auto")
@@ -84,7 +90,7 @@ def settings_from_ds_config(ds_config: dict, run: RunConfig, world_size: int) ->
         if origin is None:
             setattr(run, setting, value)
             taken[setting] = f"the DeepSpeed config's {key}"
-        elif value != current:
+        elif value != current and not _from_preset(run, setting):
             raise ValueError(f"ds_config: {key} = {json.dumps(ds_config[key])} in {run.ds_config} disagrees with "
                              f"{setting} = {current} from {origin}; allowed: the same value both ways, or only one "
                              f"of them (\"auto\" in the JSON)")
@@ -147,7 +153,7 @@ def fill_ds_config(ds_config: dict, run: RunConfig, world_size: int) -> dict:
     }
     for key, value in wanted.items():
         given = filled.get(key, "auto")
-        if given == "auto":
+        if given == "auto" or (key in DS_SETTINGS and _from_preset(run, DS_SETTINGS[key])):
             filled[key] = value
         elif given != value:
             setting = (f"micro_batch_size {run.micro_batch_size} x gradient_accumulation_steps "
