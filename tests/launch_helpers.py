@@ -57,6 +57,41 @@ def start_two_nodes(folder: Path, args: list[str]) -> list[subprocess.Popen]:
         cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
 
 
+def doc_commands(markdown: str, heading: str) -> list[str]:
+    """The commands of the first ```bash block under ``heading`` in a document: continuation lines
+    joined, comment lines dropped."""
+    section = markdown[markdown.index(heading):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def start_documented_loopback(folder: Path, args: list[str]) -> list[subprocess.Popen]:
+    """docs/cluster.md's loopback recipe as written (the hostfile, then one launcher per "node"),
+    with a free port, the hostfile in ``folder`` and launch/train.py ``args`` in place of the
+    documented ones. The launchers' Popens in node-rank order, output on stdout."""
+    import shlex
+
+    commands = doc_commands((REPO / "docs" / "cluster.md").read_text(), "## Two nodes on one machine (loopback)")
+    port, nodes = str(free_port()), {}
+    assert commands[0].startswith("printf ") and commands[-1] == "wait", commands
+    subprocess.run(["bash", "-c", commands[0]], cwd=folder, check=True)
+    for command in commands[1:-1]:
+        words = shlex.split(command.removesuffix("&"))
+        env = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("-"))
+        words = [word for word in words if not ("=" in word and not word.startswith("-"))]
+        assert words[0] == "deepspeed", words
+        launcher = words[1:words.index("launch/train.py")]
+        launcher[launcher.index("--master_port") + 1] = port
+        launcher[launcher.index("--hostfile") + 1] = str(folder / launcher[launcher.index("--hostfile") + 1])
+        node_rank = int(launcher[launcher.index("--node_rank") + 1])
+        nodes[node_rank] = subprocess.Popen(
+            [sys.executable, "-m", "deepspeed.launcher.runner", *launcher, str(REPO / "launch" / "train.py"), *args],
+            cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return [nodes[rank] for rank in sorted(nodes)]
+
+
 def run_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from launch_helpers import REPO, cpu_env, free_port, launch, start_two_nodes, write_ds_config
+from launch_helpers import REPO, cpu_env, free_port, launch, run_summary, start_documented_loopback, write_ds_config
 from safetensors.torch import load_file
 
 from ds_bilevel.config import load_config
@@ -24,9 +24,10 @@ ARGS = ["--method", "bidora", "--hypergrad", "darts", "--max_steps", "4", "--mod
 
 
 def test_two_node_darts_at_zero3_matches_one_rank(tmp_path):
-    """Two "nodes" (one launcher each, loopback) of BiDoRA darts at ZeRO-3 with DeepSpeed's default
-    persistence threshold and accumulation 1 (issue 12's configuration) end where one rank ends
-    with the same global batch, and far from first_order, which a lost second-order term gives."""
+    """Two "nodes" (one launcher each, loopback: docs/cluster.md's recipe) of BiDoRA darts at ZeRO-3
+    with DeepSpeed's default persistence threshold and accumulation 1 (issue 12's configuration)
+    end where one rank ends with the same global batch, and far from first_order, which a lost
+    second-order term gives."""
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                                   "gradient_accumulation_steps": "auto", "bf16": {"enabled": False},
@@ -36,11 +37,11 @@ def test_two_node_darts_at_zero3_matches_one_rank(tmp_path):
                     num_ranks=1)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    multi = tmp_path / "multi"
-    nodes = start_two_nodes(tmp_path, ["--ds_config", str(config), *ARGS, "--output_dir", str(multi)])
+    multi = tmp_path / "multi"  # docs/cluster.md's loopback recipe, with these training flags
+    nodes = start_documented_loopback(tmp_path, ["--ds_config", str(config), *ARGS, "--output_dir", str(multi)])
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "world_size\": 2" in outputs[0]
+    assert run_summary(multi)["world_size"] == 2 and "== ds_bilevel run summary ==" in outputs[0]  # node 0 prints it
 
     expected, got = load_file(single / "adapter_model.safetensors"), load_file(multi / "adapter_model.safetensors")
     first_order = run_reference(load_config([*ARGS, "--micro_batch_size", "4", "--hypergrad", "first_order"]), 4)
@@ -66,7 +67,7 @@ def test_accelerate_launch_with_its_deepspeed_plugin(tmp_path):
                str(REPO / "launch" / "train.py"), "--ds_config", str(config), *ARGS, "--output_dir", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '"world_size": 2' in result.stdout
+    assert run_summary(out)["world_size"] == 2
     expected, got = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert all(torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-9) for k in expected)
 
@@ -83,5 +84,5 @@ def test_slurm_script_runs_two_nodes(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "2 nodes x 1 ranks" in result.stdout
     assert (tmp_path / "hostfile").read_text() == "node-a slots=1\nnode-b slots=1\n"
-    assert '"world_size": 2' in result.stdout
+    assert run_summary(out)["world_size"] == 2
     assert (out / "adapter_model.safetensors").is_file()
