@@ -435,11 +435,15 @@ def check_async_io(ds_config: dict) -> None:
 def check_master_port() -> None:
     """Rank 0 hosts the process group's store on MASTER_PORT: taken already, the launch would end
     in 'address already in use' after the other ranks started. Not checked where a torchrun
-    agent hosts the store itself."""
+    agent hosts the store itself, nor in a process whose process group already exists (it holds
+    the port itself: a second run in one process, as bench/gpu_worker.py does)."""
     import socket
 
+    import torch.distributed
+
     port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK", "0")
-    if not port or rank != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if (not port or rank != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            or torch.distributed.is_initialized()):
         return
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
