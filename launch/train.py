@@ -16,19 +16,22 @@ import traceback
 import uuid
 from pathlib import Path
 
-import torch
+from ds_bilevel.config import RunConfig, load_config
+from ds_bilevel.phases import Phases
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
-    if "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks share the cores: oversubscribed threads make every collective wait for a
-        # descheduled peer (measured: 20x slower bi-level steps on 2 ranks of a 2-core machine).
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
-from ds_bilevel.config import RunConfig, load_config  # noqa: E402
-from ds_bilevel.phases import Phases  # noqa: E402
-from ds_bilevel.validation import check_run, checked_ds_config  # noqa: E402
+def prepare_process() -> None:
+    """After the flags are read (--help and a bad flag answer without torch) and before DeepSpeed
+    is imported anywhere: the accelerator and, on CPU ranks, the thread count."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+        if "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks share the cores: oversubscribed threads make every collective wait for a
+            # descheduled peer (measured: 20x slower bi-level steps on 2 ranks of a 2-core machine).
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def check_output_dir(run: RunConfig) -> None:
@@ -81,9 +84,10 @@ def read_settings(argv: list[str] | None) -> RunConfig:
 
 def validated_settings(argv: list[str] | None) -> tuple[RunConfig, dict]:
     """Every check of ds_bilevel/validation.py, before any process group starts; writes nothing."""
-    from ds_bilevel.validation import check_launch, settle_eval_size
-
     run = read_settings(argv)
+    prepare_process()
+    from ds_bilevel.validation import check_launch, check_run, checked_ds_config, settle_eval_size
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run, ds_config = checked_ds_config(run, world_size)  # the JSON's values for what no flag or YAML set
     check_output_dir(run)
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
+    import torch
+
     from ds_bilevel.distributed import failure_line, release_shm_buffers, return_large_frees_to_the_os
     from ds_bilevel.ds_config import zero_stage
 
