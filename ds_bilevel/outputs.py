@@ -67,12 +67,23 @@ def check_finite(values: dict[Level, dict[str, torch.Tensor]]) -> dict[Level, di
 
 
 def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
-    """||after - before|| / ||before|| over all tensors of ``before`` (0 for none)."""
+    """||after - before|| / ||before|| over all tensors of ``before`` (0 for none). A level that
+    starts at zero (BiLoRA's P and lambda, LoRA's B) has no scale of its own: the change is then
+    taken relative to where it ended, 1.0 when it moved at all, 0.0 when it did not (dividing by
+    a tiny floor reported 2.3e11 there, issue 18). ``change_norm`` gives the absolute size."""
     if not before:
         return 0.0
     start = torch.cat([t.flatten() for t in before.values()])
     end = torch.cat([after[name].flatten() for name in before])
-    return ((end - start).norm() / start.norm().clamp_min(1e-12)).item()
+    scale = start.norm() if start.norm() > 0 else end.norm()
+    return ((end - start).norm() / scale).item() if scale > 0 else 0.0
+
+
+def change_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """||after - before|| over all tensors of ``before`` (0 for none)."""
+    if not before:
+        return 0.0
+    return torch.cat([(after[name] - t).flatten() for name, t in before.items()]).norm().item()
 
 
 def write_adapters(path: Path, values: dict[Level, dict[str, torch.Tensor]], method: str) -> None:

@@ -27,6 +27,7 @@ from ds_bilevel.levels import Level, StepKind
 from ds_bilevel.outputs import (
     NonFiniteError,
     base_checksum,
+    change_norm,
     check_finite,
     level_values,
     on_host,
@@ -241,6 +242,7 @@ class TrainingRecipe:
         module = self.engine.module
         final = check_finite(level_values(module))
         # How far each level moved: a frozen outer level (the bf16 magnitude stall) shows as 0.
+        summary["change_norm"] = {level.value: change_norm(self.initial[level], final[level]) for level in Level}
         summary["relative_change"] = {level.value: relative_change(self.initial[level], final[level])
                                       for level in Level}
         if self.run.checksum_base:
