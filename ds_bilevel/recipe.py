@@ -151,7 +151,7 @@ class TrainingRecipe:
         bar = tqdm(total=total, initial=state.inner_done, desc=f"train {run.adapter.method}",
                    disable=self.rank != 0, dynamic_ncols=True)
         # A run resumed from its last checkpoint may have no step left: it reports the saved loss.
-        tokens_seen, start = 0, time.perf_counter()
+        tokens_seen, steps_now, start = 0, 0, time.perf_counter()
         for step in run_steps(self.engine, self.sources, schedule, start=state.position):
             tokens_seen += step.batch.tokens
             state.position = step.position + 1
@@ -166,6 +166,7 @@ class TrainingRecipe:
                 state.inner_done = step.index + 1 + (run.max_steps if step.kind == StepKind.RETRAIN else 0)
                 state.first_loss = state.first_loss if state.first_loss is not None else step.loss
                 bar.update(1)
+                steps_now += 1
             if step.position + 1 < len(schedule) and schedule[step.position + 1][0] == StepKind.OUTER:
                 continue  # an inner step and its outer steps form one unit: log and save after both
             self._after_unit(state, total, tokens_seen, time.perf_counter() - start, bar)
@@ -181,7 +182,9 @@ class TrainingRecipe:
                    ("after", after)) for key, value in metrics.items() if key != "eval_loss"},
                 "train_loss_first": state.first_loss, "train_loss_last": state.last_loss,
                 "tokens_per_s": tokens_seen / train_time, "train_time_s": train_time,
-                "steps": total, "world_size": self.world_size, "nonfinite_steps": self.engine.nonfinite_steps}
+                # the run's inner steps, and those this launch took (fewer after a resume)
+                "steps": total, "steps_this_launch": steps_now, "world_size": self.world_size,
+                "nonfinite_steps": self.engine.nonfinite_steps}
 
     def _mark_first_step(self) -> None:
         from deepspeed.accelerator import get_accelerator

@@ -136,7 +136,7 @@ def print_summary(summary: dict) -> None:
         f"{score:<15}{summary[key + '_before']:.3f} -> {summary[key + '_after']:.3f}\n"
         f"train loss     {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}\n"
         f"throughput     {summary['tokens_per_s']:.0f} tokens/s over {summary['world_size']} ranks "
-        f"({summary['steps']} steps in {summary['train_time_s']:.1f} s)\n"
+        f"({summary.get('steps_this_launch', summary['steps'])} steps in {summary['train_time_s']:.1f} s)\n"
         f"outputs        {summary['output_dir']} "
         "(adapter_model.safetensors, metrics.jsonl, training_curves.png, summary.json)"
     )

@@ -73,7 +73,8 @@ def test_a_finished_run_is_saved_and_resumes_with_more_steps(tmp_path):
     after_eight = load_file(out / "adapter_model.safetensors")
     moved = sum((after_eight[n] - after_four[n]).norm() ** 2 for n in after_four) ** 0.5
     assert moved > 1e-3 * sum(t.norm() ** 2 for t in after_four.values()) ** 0.5
-    assert run_summary(out)["steps"] == 8
+    assert run_summary(out)["steps"] == 8 and run_summary(out)["steps_this_launch"] == 4  # issue 18: "8 in Ts"
+    assert "(4 steps in " in result.stdout
     assert (out / "checkpoints" / "latest").read_text() == "step4"  # no save_steps this time: none written
 
 
