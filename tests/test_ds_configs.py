@@ -27,7 +27,8 @@ def test_shipped_config_fills_consistently(path, world_size):
     assert filled["train_batch_size"] == 3 * 5 * world_size
     assert filled["gradient_clipping"] == 0.5
     assert "auto" not in json.dumps(filled)
-    assert filled["bf16"]["enabled"] is True  # bf16 by default in every shipped config
+    # bf16 in every GPU config; the CPU ones compute in fp32 (most CPUs emulate bf16 matrix products)
+    assert filled["bf16"]["enabled"] is (not path.name.startswith("cpu_"))
     assert zero_stage(filled) in (2, 3)
 
 

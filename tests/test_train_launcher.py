@@ -25,21 +25,23 @@ def reference_base_checksum(method: str, dtype: torch.dtype) -> str:
     return base_checksum(model)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_two_rank_training_lowers_loss_and_keeps_base(tmp_path, method):
+@pytest.mark.parametrize(("method", "bf16"), [("lora", False), ("dora", True)])
+def test_two_rank_training_lowers_loss_and_keeps_base(tmp_path, method, bf16):
+    """The shipped CPU config (fp32) with LoRA, and DoRA with a bf16 base and fp32 masters."""
     import glob
 
     out = tmp_path / "run"
     shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    result = launch(["--ds_config", "ds_configs/cpu_zero2.json", "--method", method, "--max_steps", "25",
+    config = write_ds_config(tmp_path, 2, bf16=True) if bf16 else "ds_configs/cpu_zero2.json"
+    result = launch(["--ds_config", str(config), "--method", method, "--max_steps", "25",
                      "--output_dir", str(out), *FAST_ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = run_summary(out)
     assert summary["world_size"] == 2
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.3
     assert summary["train_loss_last"] < summary["train_loss_first"] - 0.3
-    # Only adapters moved: the bf16 base after training is bit-identical to a fresh one.
-    assert summary["base_sha256"] == reference_base_checksum(method, torch.bfloat16)
+    # Only adapters moved: the base after training is bit-identical to a fresh one.
+    assert summary["base_sha256"] == reference_base_checksum(method, torch.bfloat16 if bf16 else torch.float32)
     adapters = load_file(out / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapters.values())  # fp32 masters are saved
     lora_b = [t for name, t in adapters.items() if name.endswith("lora_B")]

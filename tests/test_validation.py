@@ -367,3 +367,34 @@ def test_liger_not_installed_is_refused(train_main, tmp_path, capsys, monkeypatc
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and lines == ['error: use_liger_kernel: true, but liger-kernel is not installed '
                                    '(pip install ".[gpu]"); allowed: false'], lines
+
+
+@pytest.mark.parametrize(("bf16", "native", "warned"),
+                         [(True, False, True), (True, True, False), (False, False, False)])
+def test_emulated_bf16_is_warned_once_before_launch(monkeypatch, bf16, native, warned):
+    """bf16 on a CPU without bf16 arithmetic is allowed (the numbers are right) but said, naming the field."""
+    import torch
+
+    from ds_bilevel import validation
+
+    monkeypatch.setattr(validation, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warning = validation.emulated_bf16_warning({"bf16": {"enabled": bf16}})
+    assert (warning is not None) is warned
+    if warned:
+        assert warning.startswith("bf16.enabled = true on a CPU without bf16 arithmetic")
+        assert "cpu_zero2.json" in warning
+
+
+
+@pytest.mark.parametrize(("method", "hypergrad", "bf16", "warned"), [
+    ("bidora", "darts", True, True), ("bilora", "cg", True, True), ("bidora", "first_order", True, False),
+    ("bidora", "darts", False, False), ("lora", "darts", True, False), ("bilora_sam", "neumann", True, False)])
+def test_second_order_hypergradient_in_bf16_is_warned(method, hypergrad, bf16, warned):
+    """Only a bi-level method with a second-order hypergradient under bf16 is told its term is mostly rounding."""
+    from ds_bilevel.validation import bf16_second_order_warning
+
+    warning = bf16_second_order_warning(hypergrad, method, {"bf16": {"enabled": bf16}})
+    assert (warning is not None) is warned
+    if warned:
+        assert warning.startswith(f"bilevel.hypergrad {hypergrad} with bf16.enabled = true")
