@@ -160,9 +160,13 @@ class RunConfig:
             raise ValueError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
-        if self.bilevel.retrain_steps and self.adapter.method not in ("bidora", "bilora"):
+        # The registry came in with AdapterConfig (the sections import torch; --help reads the source).
+        from ds_bilevel.adapters.registry import METHODS
+
+        retraining = sorted(name for name, entry in METHODS.items() if entry.retraining)
+        if self.bilevel.retrain_steps and self.adapter.method not in retraining:
             raise ValueError(f"bilevel.retrain_steps: {self.bilevel.retrain_steps} needs a bi-level adapter.method "
-                             f"(bidora, bilora), not {self.adapter.method!r}; allowed: 0")
+                             f"({', '.join(retraining)}), not {self.adapter.method!r}; allowed: 0")
         if not Path(self.ds_config).is_file():
             raise ValueError(f"ds_config: file {self.ds_config!r} does not exist")
 

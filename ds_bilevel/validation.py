@@ -91,6 +91,13 @@ def training_mode(run: RunConfig) -> str:
     return METHODS[run.adapter.method].training_mode
 
 
+def methods_of_mode(mode: str) -> list[str]:
+    """The registry's methods whose layers train in ``mode`` (a TrainingMode value), in its order."""
+    from ds_bilevel.adapters import METHODS
+
+    return [name for name, entry in METHODS.items() if entry.training_mode == mode]
+
+
 def check_schedule(run: RunConfig) -> None:
     """Settings that only make sense together."""
     mode, bilevel = training_mode(run), run.bilevel
@@ -98,8 +105,9 @@ def check_schedule(run: RunConfig) -> None:
         raise ValueError(f"bilevel.unroll_steps: {bilevel.unroll_steps} exceeds max_steps {run.max_steps}, so "
                          f"no outer step would run; allowed: 1 to {run.max_steps}")
     if run.data.validation_file and mode != "bilevel":
+        bilevel_methods = " or ".join(methods_of_mode("bilevel"))
         raise ValueError(f"data.validation_file: {run.data.validation_file!r} is D2, which method "
-                         f"{run.adapter.method} never reads; allowed: only with bilora or bidora")
+                         f"{run.adapter.method} never reads; allowed: only with {bilevel_methods}")
     if run.data.label_names and run.data.format != "classification":
         raise ValueError(f"data.label_names: {run.data.label_names} with data.format {run.data.format!r}; "
                          f"allowed: only with data.format classification")

@@ -45,6 +45,21 @@ def test_bad_values_name_the_setting(argv, message):
         load_config(argv)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "bilora", "bidora", "bilora_sam"])
+def test_retrain_steps_follow_the_registry(method):
+    """bilevel.retrain_steps is read where the method's registry entry says retraining applies, and
+    refused, naming those methods, elsewhere."""
+    from ds_bilevel.adapters.registry import METHODS
+
+    argv = ["--method", method, "--bilevel.retrain_steps", "2"]
+    if METHODS[method].retraining:
+        assert load_config(argv).bilevel.retrain_steps == 2
+    else:
+        with pytest.raises(ValueError, match=r"bilevel.retrain_steps: 2 needs a bi-level adapter.method "
+                                             r"\(bidora, bilora\), not "):
+            load_config(argv)
+
+
 def test_wrong_type_in_yaml(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("max_steps: ten\n")
