@@ -143,9 +143,10 @@ def model_skeleton(run: RunConfig):
                          f"custom code)") from None
 
 
-def check_model(run: RunConfig) -> None:
+def check_model(run: RunConfig) -> bool:
     """Targets and ranks against the model's layers (an encoder's: its head excluded, heads.py); a
-    folder's weights whole and naming exactly the skeleton's tensors, with its shapes."""
+    folder's weights whole and naming exactly the skeleton's tensors, with its shapes. Returns
+    whether the model is an encoder (heads.is_encoder), decided here once for the checks after it."""
     from ds_bilevel.adapters.inject import target_layer_names
     from ds_bilevel.heads import head_names
     from ds_bilevel.models import encoder_skeleton
@@ -164,6 +165,7 @@ def check_model(run: RunConfig) -> None:
         target_layer_names(encoder, run.adapter, exclude=head_names(encoder))
     if not is_builtin(run.model_name_or_path):
         check_model_weights(Path(run.model_name_or_path), skeleton, base_only=encoder is not None)
+    return encoder is not None
 
 
 def check_config_json(folder: Path) -> None:
@@ -180,13 +182,14 @@ def check_config_json(folder: Path) -> None:
         raise ValueError(f"model_name_or_path: {path} holds a JSON {type(values).__name__}; allowed: an object")
 
 
-def check_tokenizer(run: RunConfig) -> None:
+def check_tokenizer(run: RunConfig, encoder: bool | None = None) -> None:
     """What the data code needs of the tokenizer (an EOS for a causal LM, a pad id): found here, not
-    as a crash in tokenisation after launch (models.check_tokenizer)."""
+    as a crash in tokenisation after launch (models.check_tokenizer). ``encoder``: check_model's
+    answer (None: decided again)."""
     from ds_bilevel.models import check_tokenizer as check
 
     try:
-        check(run.model_name_or_path, run.trust_remote_code)
+        check(run.model_name_or_path, run.trust_remote_code, encoder)
     except Exception as error:  # transformers' own errors for missing or unreadable tokenizer files
         detail = " ".join(str(error).split())
         if isinstance(error, ValueError) and detail.startswith("model_name_or_path:"):
@@ -394,8 +397,8 @@ def check_run(run: RunConfig, world_size: int) -> None:
     check_values(run)
     check_schedule(run)
     check_kernels(run)
-    check_model(run)
-    check_tokenizer(run)
+    encoder = check_model(run)
+    check_tokenizer(run, encoder)
     check_data(run, world_size)
 
 

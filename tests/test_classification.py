@@ -71,6 +71,19 @@ def test_encoder_rule():
     assert not is_encoder({"model_type": "llama"}) and not is_encoder({"model_type": "qwen2"})
 
 
+@pytest.mark.parametrize(("model", "targets", "encoder"), [("builtin:tiny-roberta", ("query", "value"), True),
+                                                         ("builtin:tiny-llama", ("q_proj", "v_proj"), False)])
+def test_validation_decides_the_encoder_rule_once(tmp_path, monkeypatch, model, targets, encoder):
+    """check_run applies heads.is_encoder once (check_model's answer reaches the tokenizer check)."""
+    from ds_bilevel import models, validation
+
+    answers = []
+    real = models.is_encoder_model
+    monkeypatch.setattr(models, "is_encoder_model", lambda *args: answers.append(real(*args)) or answers[-1])
+    validation.check_run(encoder_run(tmp_path, model=model, targets=targets), world_size=1)
+    assert answers == [encoder]
+
+
 def test_class_labels_and_batches(tmp_path):
     train, evaluation = load_records(str(write_keyword_csv(tmp_path / "k.csv", 40)),
                                      DataConfig(format="classification", eval_size=8), seed=0)
