@@ -204,7 +204,7 @@ def check_model_weights(folder: Path, skeleton=None, base_only: bool = False) ->
     every shard of the index present, and, against the meta-device ``skeleton``: no tensor
     missing (transformers would fill it with random values), none unexpected, every shape the
     model's. ``base_only`` (an encoder): the classification head is not compared (heads.py)."""
-    from ds_bilevel.files import check_safetensors, check_weights_folder
+    from ds_bilevel.integrity import check_safetensors, check_weights_folder
 
     files = check_weights_folder(folder, "model_name_or_path")
     if not files:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from ds_bilevel.builtin.model import is_builtin
 from ds_bilevel.export.run_folder import ExportError, RunFolder
-from ds_bilevel.files import check_safetensors
+from ds_bilevel.integrity import check_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -22,8 +22,9 @@ from safetensors import safe_open
 from torch import nn
 
 from ds_bilevel.adapters import METHODS, AdapterConfig, AdapterLayer
-from ds_bilevel.files import check_run_folder, check_safetensors
+from ds_bilevel.files import check_run_folder
 from ds_bilevel.heads import is_head_tensor
+from ds_bilevel.integrity import check_safetensors
 from ds_bilevel.levels import Level
 
 ADAPTER_FILE = "adapter_model.safetensors"

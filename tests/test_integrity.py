@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ds_bilevel.files import check_safetensors, check_weights_folder
+from ds_bilevel.integrity import check_safetensors, check_weights_folder
 
 
 @pytest.fixture
