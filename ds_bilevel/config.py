@@ -24,8 +24,8 @@ from pathlib import Path
 
 if typing.TYPE_CHECKING:  # imported on first use: they import torch, and --help must answer without it
     from ds_bilevel.adapters.config import AdapterConfig
+    from ds_bilevel.bilevel_config import BilevelConfig
     from ds_bilevel.data import DataConfig
-    from ds_bilevel.hypergrad.config import BilevelConfig
 
 # Command-line names that stand for a nested field (the contract of launch/train.py).
 ALIASES = {"method": "adapter.method", "hypergrad": "bilevel.hypergrad", "unroll_steps": "bilevel.unroll_steps",
@@ -37,7 +37,7 @@ LR_SCHEDULERS = ("linear", "cosine", "constant")
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SECTIONS = {"adapter": ("ds_bilevel.adapters.config", "AdapterConfig"),
             "data": ("ds_bilevel.data", "DataConfig"),
-            "bilevel": ("ds_bilevel.hypergrad.config", "BilevelConfig")}
+            "bilevel": ("ds_bilevel.bilevel_config", "BilevelConfig")}
 
 
 def section_class(name: str) -> type:

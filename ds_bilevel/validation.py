@@ -391,7 +391,7 @@ def check_values(run: RunConfig) -> None:
 
 def check_run(run: RunConfig, world_size: int) -> None:
     """Everything but the DeepSpeed config, cheapest first."""
-    from ds_bilevel.hypergrad.config import detach_norm_warning
+    from ds_bilevel.bilevel_config import detach_norm_warning
 
     warn_once(detach_norm_warning(run.adapter.method, run.adapter.detach_norm, run.bilevel.hypergrad))
     check_values(run)

@@ -123,8 +123,8 @@ def test_settings_read_from_source_are_the_dataclasses():
     import importlib
 
     from ds_bilevel import adapters, data
+    from ds_bilevel import bilevel_config as hypergrad_config
     from ds_bilevel.config import LR_SCHEDULERS, RunConfig, config_to_dict, settings
-    from ds_bilevel.hypergrad import config as hypergrad_config
 
     try:
         methods = importlib.import_module("ds_bilevel.adapters.registry").METHODS

@@ -4,8 +4,8 @@ Each takes a ``BilevelProblem`` and the ``BilevelConfig`` and returns the outer 
 one tensor per outer parameter.
 """
 
+from ds_bilevel.bilevel_config import HYPERGRAD_METHODS, BilevelConfig
 from ds_bilevel.hypergrad.cg import cg
-from ds_bilevel.hypergrad.config import HYPERGRAD_METHODS, BilevelConfig
 from ds_bilevel.hypergrad.darts import darts
 from ds_bilevel.hypergrad.first_order import first_order
 from ds_bilevel.hypergrad.neumann import neumann

@@ -8,7 +8,7 @@ from an inner minimum) and keeps the iterate it has.
 Cost: 2K + 3 passes.
 """
 
-from ds_bilevel.hypergrad.config import BilevelConfig
+from ds_bilevel.bilevel_config import BilevelConfig
 from ds_bilevel.hypergrad.problem import (
     BilevelProblem,
     Objective,

@@ -9,7 +9,7 @@ the inner learning rate xi. Both approximate the implicit gradient with H^-1 ~ x
 Cost: 3 passes (one on D2, two on D1).
 """
 
-from ds_bilevel.hypergrad.config import BilevelConfig
+from ds_bilevel.bilevel_config import BilevelConfig
 from ds_bilevel.hypergrad.problem import (
     BilevelProblem,
     Objective,

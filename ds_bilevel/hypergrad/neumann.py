@@ -6,7 +6,7 @@ It converges to the implicit hypergradient as K grows when 0 < alpha < 2 / lambd
 Cost: 2K + 3 passes (one on D2, 2 per Hessian-vector product, 2 for J p).
 """
 
-from ds_bilevel.hypergrad.config import BilevelConfig
+from ds_bilevel.bilevel_config import BilevelConfig
 from ds_bilevel.hypergrad.problem import (
     BilevelProblem,
     Objective,

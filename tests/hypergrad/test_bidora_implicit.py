@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ds_bilevel.adapters import AdapterConfig, BiDoraLayer
+from ds_bilevel.bilevel_config import detach_norm_warning
 from ds_bilevel.hypergrad import HYPERGRADS, BilevelConfig, Objective
-from ds_bilevel.hypergrad.config import detach_norm_warning
 
 IN, OUT, RANK, ALPHA, RIDGE = 6, 4, 2, 4.0, 2.0
 N_INNER = RANK * (IN + OUT)

@@ -1,4 +1,11 @@
-"""Settings of the bi-level schedule and of the hypergradient."""
+"""BilevelConfig: the ``bilevel:`` section of the run settings (``--bilevel.<name>``).
+
+Most of it is the bi-level schedule (schedule.py): T1 = unroll_steps and T2 = outer_steps, the
+D1/D2 split (split_ratio) and the retraining phase (retrain_*); then the outer level's own
+optimizer settings (outer_*), and the hypergradient of an outer step (hypergrad/: hypergrad,
+hypergrad_eps, darts_form, neumann_*, cg_steps). Plain data, no torch: the command line's help
+reads it from this source (config.py). Before issue 15 this was hypergrad/config.py.
+"""
 
 from __future__ import annotations
 
