@@ -94,3 +94,28 @@ def write_adapters(path: Path, values: dict[Level, dict[str, torch.Tensor]], met
     tensors = {name: value for by_name in values.values() for name, value in by_name.items()}
     levels = {name: level.value for level, by_name in values.items() for name in by_name}
     save_file(tensors, str(path), metadata={"method": method, "levels": json.dumps(levels)})
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Keep the metrics.jsonl lines of steps up to ``last_step`` (a resumed checkpoint's step), in
+    order; drop the later ones, which the resumed launch writes again, and a line cut short by a
+    killed run. Rewritten atomically; returns how many lines were dropped (0 without a file)."""
+    import os
+
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
+    return dropped

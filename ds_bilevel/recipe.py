@@ -33,6 +33,7 @@ from ds_bilevel.outputs import (
     on_host,
     peak_memory_per_rank,
     relative_change,
+    trim_metrics,
     write_adapters,
 )
 from ds_bilevel.phases import Phases
@@ -107,7 +108,8 @@ class TrainingRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(config_to_dict(run), indent=2))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            self.metrics_file = (self.output_dir / "metrics.jsonl").open("a" if run.resume_from_checkpoint else "w")
+            if not run.resume_from_checkpoint:  # on resume, _resume opens it once trimmed to the checkpoint's step
+                self.metrics_file = (self.output_dir / "metrics.jsonl").open("w")
             if data.labels is not None:  # class id -> name, for reading predictions and for export
                 (self.output_dir / "labels.json").write_text(json.dumps(data.labels))
             if StepKind.OUTER in self.sources and not run.data.validation_file:  # the D1/D2 split, for audits
@@ -237,6 +239,12 @@ class TrainingRecipe:
         state = self.engine.load_checkpoint(load_dir, tag)["ds_bilevel"]
         self.engine.load_state_dict({key: state.pop(key) for key in ("scheduler", "nonfinite")}, state["inner_done"])
         checkpoint.set_rng_state(state.pop("rng"))
+        if self.rank == 0:
+            # The lines a stopped launch wrote after this checkpoint are written again from here on:
+            # the file then holds the lines of a run that never stopped (issue 18).
+            metrics = self.output_dir / "metrics.jsonl"
+            trim_metrics(metrics, state["inner_done"])
+            self.metrics_file = metrics.open("a")
         return Progress(**state)
 
     # ---- save ------------------------------------------------------------------------------

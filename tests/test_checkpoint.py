@@ -34,10 +34,12 @@ def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_ste
     last = save_steps * ((total - 1) // save_steps)  # the last checkpoint before the run's end
     assert (full / "checkpoints" / "latest").read_text().strip() == f"step{total}"  # the end is saved too
 
-    # A second run folder holding only the step-`last` checkpoint, resumed with "latest".
+    # A second run folder holding the step-`last` checkpoint and the metrics.jsonl of a launch that
+    # went on past it (to the end, then a line cut short by a kill), resumed with "latest".
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints" / f"step{last}", resumed / "checkpoints" / f"step{last}")
     (resumed / "checkpoints" / "latest").write_text(f"step{last}")
+    (resumed / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text() + '{"step": ')
     assert resolve("latest", resumed) == (resumed / "checkpoints", f"step{last}")
     result = launch([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,9 +48,17 @@ def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_ste
     assert set(got) == set(expected)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     # the resumed run trained only the steps after the checkpoint and kept the first run's starting numbers
-    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train_loss" in r] == list(range(last + 1, total + 1))
+    assert run_summary(resumed)["steps_this_launch"] == total - last
     assert run_summary(resumed)["eval_loss_before"] == run_summary(full)["eval_loss_before"]
+    # metrics.jsonl: the lines up to the checkpoint, then the resumed launch's, none twice (issue 18):
+    # the lines of the run that never stopped, the same numbers but for the timings
+    def lines(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+
+    trained = [r["step"] for r in lines(resumed) if "train_loss" in r]
+    assert trained == list(range(1, total + 1))
+    assert lines(resumed) == lines(full)
 
 
 def test_a_finished_run_is_saved_and_resumes_with_more_steps(tmp_path):
