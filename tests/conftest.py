@@ -33,3 +33,30 @@ def invariance_matrix(tmp_path_factory):
     for num_ranks in (1, 2):
         run_script("invariance.py", out, num_ranks)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """The export tests' base: run_folders.save_llama_base, once per session."""
+    from run_folders import save_llama_base
+
+    return save_llama_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="session")
+def hf_run(base_dir, tmp_path_factory):
+    """hf_run(method) -> run_folders.Run on the HF-folder base (one per method, shared by the export
+    tests of tests/test_export.py and tests/test_export_output.py)."""
+    import torch
+    from run_folders import adapted_run
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+
+    def get(method: str):
+        if method not in runs:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            runs[method] = adapted_run(tmp_path_factory.mktemp(f"run_{method}"), model, str(base_dir), method)
+        return runs[method]
+
+    return get

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import rel_err
 from peft import PeftModel
 from run_folders import write_run
 from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForMaskedLM
@@ -55,8 +56,10 @@ def encoder_run(tmp_path: Path, method: str = "lora", model: str = "builtin:tiny
 
 
 @torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 1) -> None:
-    """Every adapter and head value non-trivial (LoRA's B is zero at init): dW != 0 everywhere."""
+def perturb_levels(model: torch.nn.Module, seed: int = 1) -> None:
+    """Every adapter and head value non-trivial (LoRA's B is zero at init): dW != 0 everywhere.
+    Unlike numerics.randomize (adapter layers only), it moves every level's parameters, the
+    classification head's included, by noise added to their values."""
     gen = torch.Generator().manual_seed(seed)
     for level in Level:
         for name, param in named_level_parameters(model, level):
@@ -130,7 +133,7 @@ def test_loss_normalisation_is_world_size_invariant(tmp_path):
     run = encoder_run(tmp_path, "lora")
     data = prepare(run)
     model = data.model.eval()  # no dropout: every pass computes the same function
-    randomize(model)
+    perturb_levels(model)
     params = [p for level in Level for _, p in named_level_parameters(model, level)]
     everything, global_batch = list(range(len(data.train_set))), 8
 
@@ -161,10 +164,6 @@ def test_loss_normalisation_is_world_size_invariant(tmp_path):
     assert max(errors.values()) < 1e-5, errors
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
 @pytest.fixture(scope="module")
 def masked_lm_dir(tmp_path_factory) -> Path:
     """An HF masked-LM encoder folder (no classification head), as RoBERTa checkpoints are."""
@@ -185,7 +184,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, masked_lm_d
     model_name = "builtin:tiny-roberta" if base == "builtin" else str(masked_lm_dir)
     run = encoder_run(tmp_path, method, model=model_name)
     data = prepare(run)
-    randomize(data.model)
+    perturb_levels(data.model)
     folder = write_run(Path(run.output_dir), data.model, run, data.labels)
     batch = collate([data.eval_set[i] for i in range(len(data.eval_set))], 3)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -245,7 +244,7 @@ def test_an_encoder_with_a_pooler_trains_saves_and_exports_it(tmp_path, pooler_d
     assert {f"{pooler}.dense.weight", f"{pooler}.dense.bias", "classifier.weight"} <= inner
     assert data.adapted and not any(n.startswith((pooler, "classifier")) for n in data.adapted)
     assert any(n.endswith("output.dense") for n in data.adapted)  # the encoder's dense layers are adapted
-    randomize(data.model)
+    perturb_levels(data.model)
     folder = write_run(Path(run.output_dir), data.model, run, data.labels)
     batch = collate([data.eval_set[i] for i in range(len(data.eval_set))], data.tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

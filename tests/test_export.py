@@ -1,14 +1,15 @@
 """Export (ds_bilevel.export, launch/export.py): merged HF folders and PEFT adapters, loaded by
 transformers and PEFT as they are, against the adapted model they came from.
 
-Run folders are written by hand the way TrainingRecipe.save writes them (adapter tensors with
-their method in the metadata, run_config.json from a RunConfig), on a tiny LLaMA saved as an
-HF folder; the launcher tests at the end export real training runs.
+Run folders are written by hand the way TrainingRecipe.save writes them (tests/run_folders.py:
+adapter tensors with their method in the metadata, run_config.json from a RunConfig), on a tiny
+LLaMA saved as an HF folder (fixtures base_dir and hf_run, tests/conftest.py); the launcher test
+at the end exports real training runs. What the export does around its output folder, its
+command line and its memory: tests/test_export_output.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,98 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 from launch_helpers import REPO
-from peft import PeftModel
-from run_folders import randomize, write_run
+from numerics import rel_err
+from run_folders import adapted_run, load_merged, load_peft, logits_of, tokens_for
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
 from ds_bilevel.adapters.config import LLAMA_TARGETS
 from ds_bilevel.builtin.model import build_builtin_model
-from ds_bilevel.config import RunConfig
-from ds_bilevel.export import ExportError, export, shards
-from ds_bilevel.levels import Level, adapter_layers, named_level_parameters
+from ds_bilevel.export import export
+from ds_bilevel.levels import Level, named_level_parameters
 from ds_bilevel.models import load_model, load_tokenizer
 
 METHODS = ["lora", "dora", "bilora", "bidora", "bilora_sam"]
 TEXT = "Is 14 even? yes"
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e| over the whole tensor."""
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def tokens_for(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(5))
-
-
-class Run:
-    """A run folder and what its adapted model computes at inference on ``tokens``."""
-
-    def __init__(self, folder: Path, model: torch.nn.Module, run: RunConfig, base_logits: torch.Tensor):
-        self.dir, self.base_logits = write_run(folder, model, run), base_logits
-        self.tokens = tokens_for(model.config.vocab_size)
-        with torch.no_grad():
-            for _, layer in adapter_layers(model):  # Bi-LoRA infers without its auxiliary module;
-                if hasattr(layer, "aux_B"):  # the saved file keeps it, so the export must drop it
-                    layer.aux_B.zero_()
-            self.logits = model.eval()(self.tokens).logits
-
-
-def adapted_run(folder: Path, model: torch.nn.Module, base_name: str, method: str) -> Run:
-    with torch.no_grad():
-        base_logits = model.eval()(tokens_for(model.config.vocab_size)).logits
-    adapter = AdapterConfig(method=method, rank=4, alpha=8.0, aux_rank=3)
-    torch.manual_seed(0)
-    inject_adapters(model, adapter)
-    randomize(model)
-    return Run(folder, model, RunConfig(model_name_or_path=base_name, output_dir=str(folder), adapter=adapter),
-               base_logits)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A tiny LLaMA (untied head) and the builtin tokenizer, saved as an HF folder in several files."""
-    folder = tmp_path_factory.mktemp("base")
-    tokenizer = load_tokenizer("builtin:micro-llama")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="30KB")
-    tokenizer.save_pretrained(folder)
-    assert (folder / "model.safetensors.index.json").is_file()
-    return folder
-
-
-@pytest.fixture(scope="module")
-def hf_run(base_dir, tmp_path_factory):
-    """hf_run(method) -> Run on the HF-folder base (one per method, shared by the tests)."""
-    runs = {}
-
-    def get(method: str) -> Run:
-        if method not in runs:
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-            runs[method] = adapted_run(tmp_path_factory.mktemp(f"run_{method}"), model, str(base_dir), method)
-        return runs[method]
-
-    return get
-
-
-def load_merged(folder: Path, dtype: torch.dtype = torch.float32):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-
-
-def load_peft(folder: Path):
-    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder).eval()
-
-
-def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens).logits.float()
 
 
 # ---- merged ------------------------------------------------------------------------------------
@@ -252,143 +176,6 @@ def test_builtin_base_exports_with_its_base_folder(tmp_path):
     assert rel_err(logits_of(load_merged(merged), run.tokens), run.logits) < 1e-5
     for folder in (merged, peft_out, peft_out / "base"):
         assert not any("ds_bilevel" in p.read_text() for p in folder.glob("*.json"))
-
-
-# ---- output folder, failures, errors -----------------------------------------------------------
-
-def test_non_empty_output_is_refused_and_overwrite_replaces_it(hf_run, tmp_path):
-    run = hf_run("lora")
-    out = tmp_path / "out"
-    out.mkdir()
-    export(run.dir, out, "merged")  # an empty folder is fine
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"^output_dir: .* is not empty; .* --overwrite$"):
-        export(run.dir, out, "peft")
-    assert (out / "keep.txt").read_text() == "mine" and not (out / "adapter_config.json").exists()
-    export(run.dir, out, "peft", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or set-aside folder left
-    assert (out / "adapter_config.json").is_file() and not (out / "keep.txt").exists()
-    copy = tmp_path / "parent" / "run"
-    copy.mkdir(parents=True)
-    for file in run.dir.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
-    for target in (copy, copy.parent):  # the run folder itself, or a folder above it
-        with pytest.raises(ExportError, match="^output_dir: .* would replace the export's input"):
-            export(copy, target, "peft", overwrite=True)
-    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in run.dir.iterdir())
-
-
-@pytest.mark.parametrize("existing", [False, True])
-def test_a_crash_midway_leaves_no_output(existing, hf_run, tmp_path, monkeypatch):
-    run = hf_run("dora")
-    out = tmp_path / "out"
-    if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("mine")
-    written, save_shard = [], shards.save_shard
-
-    def crash_after_one_shard(tensors, path):
-        if written:
-            raise RuntimeError("simulated crash")
-        written.append(path)
-        save_shard(tensors, path)
-
-    monkeypatch.setattr(shards, "save_shard", crash_after_one_shard)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        export(run.dir, out, "merged", max_shard_size="20KB", overwrite=True)
-    assert written  # it did fail midway
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
-    assert not existing or sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-
-
-def cli():
-    spec = importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def broken_run(run: Run, folder: Path, case: str) -> Path:
-    """A copy of ``run`` without its adapter file, or with an unknown method."""
-    folder.mkdir()
-    for name in ("adapter_model.safetensors", "run_config.json"):
-        (folder / name).write_bytes((run.dir / name).read_bytes())
-    if case == "no adapter":
-        (folder / "adapter_model.safetensors").unlink()
-    else:
-        config = json.loads((folder / "run_config.json").read_text())
-        config["adapter"]["method"] = "qlora"
-        (folder / "run_config.json").write_text(json.dumps(config))
-    return folder
-
-
-@pytest.mark.parametrize(("case", "flags", "expected"), [
-    ("no run", [], "error: checkpoint_dir: '{checkpoint}' is not a folder"),
-    ("no adapter", [], "error: checkpoint_dir: {checkpoint} has no adapter_model.safetensors"),
-    ("unknown method", [], "error: run_config.json: adapter.method: 'qlora' is not one of"),
-    ("bad dtype", ["--dtype", "int8"], "error: dtype: 'int8' is not one of"),
-    ("bad format", ["--format", "gguf"], "error: format: 'gguf' is not one of ['merged', 'peft']"),
-    ("bad shard size", ["--max_shard_size", "lots"], "error: max_shard_size: 'lots' is not a size"),
-    ("no output_dir", [], "error: the following arguments are required: --output_dir"),
-])
-def test_cli_errors_are_one_line_and_exit_2(case, flags, expected, hf_run, tmp_path, capsys):
-    run, out = hf_run("lora"), tmp_path / "out"
-    if case in ("no adapter", "unknown method"):
-        checkpoint = broken_run(run, tmp_path / "broken", case)
-    else:
-        checkpoint = tmp_path / "missing" if case == "no run" else run.dir
-    output = [] if case == "no output_dir" else ["--output_dir", str(out)]
-    argv = ["--checkpoint_dir", str(checkpoint), *flags, *output]
-    try:
-        code = cli().main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(expected.format(checkpoint=checkpoint)), lines[0]
-    assert not out.exists()
-
-
-def test_cli_exports_and_exits_2_on_a_bad_setting(hf_run, tmp_path):
-    run, out = hf_run("bilora_sam"), tmp_path / "out"
-    script = str(REPO / "launch" / "export.py")
-    bad = subprocess.run([sys.executable, script, "--checkpoint_dir", str(run.dir), "--output_dir", str(out),
-                          "--format", "onnx"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: format: 'onnx' is not one of ['merged', 'peft']"]
-    good = subprocess.run([sys.executable, script, "--checkpoint_dir", str(run.dir), "--output_dir", str(out),
-                           "--dtype", "float32"], capture_output=True, text=True, timeout=120)
-    assert good.returncode == 0, good.stderr[-3000:]
-    assert rel_err(logits_of(load_merged(out), run.tokens), run.logits) < 1e-5
-
-
-# ---- streaming ---------------------------------------------------------------------------------
-
-def test_peak_memory_stays_far_below_the_model(tmp_path):
-    """A 111 MB (fp32) base in one file, exported in fp32 with 4 MB shards by a process of its own:
-    its resident-set peak (VmHWM after a reset, so imports are not counted) grows by well under
-    half the model. Measured: 20 to 28 MB (0.2x to 0.25x), see docs/export.md."""
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
-    tokenizer = load_tokenizer("builtin:micro-llama")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model_bytes = sum(p.numel() * 4 for p in model.parameters())
-    base = tmp_path / "base"
-    model.save_pretrained(base, max_shard_size="1GB")  # one file: the case a memory map would fill
-    tokenizer.save_pretrained(base)
-    run = adapted_run(tmp_path / "run", model, str(base), "dora")
-    del model
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "export_peak_memory.py"), str(run.dir),
-                             str(tmp_path / "merged"), "4MB", "float32"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    memory = json.loads(result.stdout.strip().splitlines()[-1])
-    growth = memory["peak"] - memory["rss_before"]
-    print(f"model {model_bytes / 1e6:.1f} MB, peak growth {growth / 1e6:.1f} MB ({growth / model_bytes:.2f}x)")
-    assert growth < 0.5 * model_bytes, (growth, model_bytes)
-    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) >= model_bytes // 4_000_000
 
 
 # ---- real training runs ------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 from families import CAUSAL, ENCODERS, causal_lm, classifier, save_causal_folder
+from numerics import randomize, rel_err
 from peft import PeftModel
-from run_folders import randomize, write_run
+from run_folders import write_run
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -24,9 +25,6 @@ from ds_bilevel.levels import Level, adapter_layers
 
 METHODS = ["lora", "dora", "bilora", "bidora", "bilora_sam"]
 
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 TOKENS = torch.randint(4, 400, (2, 11), generator=torch.Generator().manual_seed(5))

@@ -5,12 +5,13 @@ Helpers are fixtures (not imports) so that the test files need no package struct
 
 from __future__ import annotations
 
+import numerics
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_bilevel.adapters import AdapterConfig, inject_adapters
-from ds_bilevel.levels import Level, adapter_layers
+from ds_bilevel.levels import adapter_layers
 
 METHOD_NAMES = ["lora", "dora", "bilora", "bidora", "bilora_sam"]
 VOCAB = 97
@@ -65,41 +66,16 @@ def adapted_llama():
     return build
 
 
-@torch.no_grad()
-def _randomize_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
-    """Give every adapter parameter random values, so that dW != 0 and every gradient path is live.
-
-    The DoRA/BiDoRA magnitude stays near ||W0||_row (a relative jitter); BiLoRA's raw lambda
-    gets unit-scale noise so that the softmax/sigmoid are far from uniform.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for _, layer in adapter_layers(model):
-        for level in Level:
-            for name, param in layer.level_parameters(level):
-                noise = torch.randn(param.shape, generator=gen).to(param.dtype)
-                if name == "magnitude":
-                    param.mul_(1 + 0.1 * noise)
-                elif name == "lambda_raw":
-                    param.copy_(noise)
-                else:
-                    param.copy_(std * noise)
-
-
 @pytest.fixture
 def randomize():
-    """randomize(model, seed=1, std=0.1): random values in every adapter parameter."""
-    return _randomize_adapters
-
-
-def _max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    """randomize(model, seed=1, std=0.1): random values in every adapter parameter (numerics.randomize)."""
+    return numerics.randomize
 
 
 @pytest.fixture
 def max_rel_err():
-    """max_rel_err(actual, expected) = max|a - e| / max|e|."""
-    return _max_rel_err
+    """max_rel_err(actual, expected) = max|a - e| / max|e| (numerics.rel_err)."""
+    return numerics.rel_err
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import relative_error
 from torch import nn
 
 from ds_bilevel.adapters import AdapterConfig, BiDoraLayer
@@ -159,10 +160,6 @@ def setup(float64):
     exact, direct, hessian = exact_hypergradient(layer, data)
     assert ((direct - exact).norm() / exact.norm()) > 0.05  # the implicit term is not negligible here
     return data, {name: p.detach().clone() for name, p in layer.named_parameters()}, exact, hessian
-
-
-def relative_error(h, exact):
-    return ((h - exact).norm() / exact.norm()).item()
 
 
 def run(setup, method, **overrides):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import relative_error
 
 from ds_bilevel.hypergrad import HYPERGRADS, BilevelConfig, Objective
 
@@ -99,10 +100,6 @@ def run(method, setup, **overrides):
     problem = FunctionalProblem(inner_loss, outer_loss, w, lam)
     h = HYPERGRADS[method](problem, BilevelConfig(hypergrad=method, **overrides))
     return h[0], problem.passes
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_problem_has_a_real_implicit_term(setup):
