@@ -64,10 +64,20 @@ def launch(script: Path, args: list[str], ranks: int, timeout: int = 3600, env: 
 
 
 def last_json_line(stdout: str) -> dict:
+    """The last line of ``stdout`` that is a JSON object (bench/peft_worker.py prints its result so;
+    launch/train.py writes its summary to summary.json instead: ``run_summary``)."""
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     raise ValueError(f"no JSON line in the output:\n{stdout[-2000:]}")
+
+
+def run_summary(output_dir: Path) -> dict:
+    """The summary a finished launch/train.py run wrote to OUTPUT_DIR/summary.json."""
+    path = Path(output_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the run did not finish")
+    return json.loads(path.read_text())
 
 
 def steady_rate(metrics_path: Path, warmup: int = WARMUP) -> dict:
@@ -122,7 +132,8 @@ def train(args: list[str], output_dir: Path, ranks: int = 2, timed: bool = True,
           env: dict | None = None) -> dict:
     """launch/train.py with ``args``: its summary, plus the steady rate (warm-up excluded) when ``timed``."""
     args = [*args, "--output_dir", str(output_dir), "--overwrite_output_dir", "true", "--log_steps", str(WARMUP)]
-    summary = last_json_line(launch(REPO / "launch" / "train.py", args, ranks, timeout, env))
+    launch(REPO / "launch" / "train.py", args, ranks, timeout, env)
+    summary = run_summary(output_dir)
     rate = steady_rate(output_dir / "metrics.jsonl") if timed else {}
     return {**rate, "peak_memory_gb_per_rank": summary["peak_memory_gb_per_rank"],
             "train_time_s": summary["train_time_s"], "tokens_per_s_all_steps": summary["tokens_per_s"]}

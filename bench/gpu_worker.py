@@ -72,7 +72,7 @@ def run_config(config: dict, warmup: int) -> dict:
     """One configuration in this process: its timing, memory and start-up numbers."""
     import torch
 
-    from bench.common import steady_rate
+    from bench.common import run_summary, steady_rate
 
     # What earlier configurations of this process left allocated (DeepSpeed engines are not all
     # freed): the peak counter starts there, so each row's peak is taken above it.
@@ -98,8 +98,8 @@ def run_config(config: dict, warmup: int) -> dict:
             raise RuntimeError(f"launch/train.py returned {code}")
         result = {}
         if os.environ.get("RANK", "0") == "0":
-            summary = last_json(captured.getvalue())
             output_dir = Path(config["argv"][config["argv"].index("--output_dir") + 1])
+            summary = run_summary(output_dir)  # train.py prints no JSON line: summary.json holds it
             result = {**steady_rate(output_dir / "metrics.jsonl", warmup),
                       "peak_memory_gb_per_rank": summary["peak_memory_gb_per_rank"],
                       "train_time_s": summary["train_time_s"], "tokens_per_s_all_steps": summary["tokens_per_s"]}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
+import re
+import sys
 
 
 def release_shm_buffers() -> int:
@@ -49,6 +53,72 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+# ---- known noise: three messages every clean launch printed, dropped by their exact text (issue 18) ----
+UNTESTED_OPTIMIZER = "**** You are using ZeRO with an untested optimizer, proceed with caution *****"
+"""DeepSpeed's engine logs it at every ZeRO launch with a client optimizer, even when the config sets
+zero_allow_untested_optimizer: ds_bilevel's optimizers are its own (ds_bilevel/optim.py)."""
+ALL_GATHER_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+"""torch 2.13's FutureWarning, raised inside DeepSpeed's ZeRO all-gather, once per rank."""
+SHM_OP_BUILT = re.compile(r"DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully")
+"""DeepSpeed's print (not a log record) when a CPU rank loads its shared-memory op, once per rank."""
+
+
+class _DropRecord(logging.Filter):
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
+
+
+def quiet_known_noise() -> None:
+    """Drop the untested-optimizer log record and torch's all_gather_into_tensor deprecation, each
+    by its exact message; every other warning and log line stays. Call before deepspeed is
+    imported (the filter is on the "DeepSpeed" logger that deepspeed.utils.logging then reuses)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=ALL_GATHER_DEPRECATION, category=FutureWarning)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropRecord) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_DropRecord(UNTESTED_OPTIMIZER))
+
+
+class _DropLines:
+    """sys.stdout, less the whole lines that match ``pattern`` (written through line by line)."""
+
+    def __init__(self, stream, pattern: re.Pattern):
+        self.stream, self.pattern, self.pending = stream, pattern, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not self.pattern.fullmatch(line):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def close_pending(self) -> None:
+        if self.pending and not self.pattern.fullmatch(self.pending):
+            self.stream.write(self.pending)
+        self.pending = ""
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def dropping_lines(pattern: re.Pattern):
+    """Within the block, stdout lines that match ``pattern`` in full are not printed."""
+    original = sys.stdout
+    sys.stdout = filtered = _DropLines(original, pattern)
+    try:
+        yield
+    finally:
+        filtered.close_pending()
+        sys.stdout = original
+
+
 def init_distributed(timeout_s: int) -> None:
     """deepspeed.init_distributed with every collective bounded by ``timeout_s``.
 
@@ -72,7 +142,9 @@ def init_distributed(timeout_s: int) -> None:
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    deepspeed.init_distributed(timeout=timeout)
+    quiet_known_noise()  # idempotent; launch/train.py calls it earlier, before deepspeed is imported
+    with dropping_lines(SHM_OP_BUILT):  # printed by DeepSpeed's TorchBackend on a CPU rank
+        deepspeed.init_distributed(timeout=timeout)
 
 
 class Heartbeat:

@@ -8,7 +8,6 @@ starts: a bad one prints one line naming it and exits with code 2.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -22,7 +21,11 @@ from ds_bilevel.phases import Phases
 
 def prepare_process() -> None:
     """After the flags are read (--help and a bad flag answer without torch) and before DeepSpeed
-    is imported anywhere: the accelerator and, on CPU ranks, the thread count."""
+    is imported anywhere: the accelerator, on CPU ranks the thread count, and the known noise
+    (distributed.quiet_known_noise: two messages dropped by their exact text)."""
+    from ds_bilevel.distributed import quiet_known_noise
+
+    quiet_known_noise()
     import torch
 
     if not torch.cuda.is_available():
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             claim_output_dir(run, run_id)
     except ValueError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
+        refuse(f"error: {' '.join(str(error).split())}")  # always one line, once
         return 2
     import torch
 
@@ -182,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         check_finite_summary(trained)
         summary = recipe.save(trained)
         if recipe.rank == 0:
-            print_summary(summary)
-            print(json.dumps(summary))
+            print_summary(summary)  # summary.json holds every number (bench/ reads it there)
         recipe.cleanup()  # ends with a barrier: no collective follows
         if recipe.rank == 0:  # the record that the folder's files belong to one finished run, then unlock
             write_run_manifest(Path(run.output_dir), run_id)
@@ -208,6 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         release_shm_buffers()
     return 0
+
+
+# How long a rank other than 0 holds back its refusal line: every rank validates the same settings, so
+# rank 0 normally refuses too, its launcher then ends this rank, and the line is printed once.
+REFUSAL_WAIT_S = 10.0
+
+
+def refuse(line: str, wait_s: float | None = None) -> None:
+    """A refusal (bad settings, exit 2) on stderr, from rank 0 at once. Another rank first waits
+    ``wait_s``: when rank 0 refused as well, the deepspeed launcher ends this rank (SIGTERM, exit 2
+    kept) before it prints; a rank still alive then refuses for a reason of its own (a file missing
+    on its node, a checkpoint only it reads) and prints it."""
+    import time
+
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(REFUSAL_WAIT_S if wait_s is None else wait_s)
+    print(line, file=sys.stderr, flush=True)
 
 
 def report(line: str) -> None:

@@ -55,3 +55,68 @@ def test_a_run_without_launcher_records_its_phases(tmp_path):
     assert abs(sum(phases[name] for name in PHASES[1:]) - phases["start_to_first_step"]) < 0.02
     assert started < phases["first_step_done_unix_s"] < ended
     assert {"training_after_first_step", "eval_after", "save"} <= set(phases)
+
+
+def test_known_noise_is_dropped_by_its_exact_message(capsys):
+    """Issue 18: the untested-optimizer record and torch's all_gather_into_tensor FutureWarning are
+    dropped; other records and warnings, even close ones, stay."""
+    import logging
+    import warnings
+
+    from ds_bilevel.distributed import UNTESTED_OPTIMIZER, quiet_known_noise
+
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: one filter on the logger
+    logger = logging.getLogger("DeepSpeed")
+    assert sum(type(f).__name__ == "_DropRecord" for f in logger.filters) == 1
+    kept = []
+    handler = logging.Handler()
+    handler.emit = lambda record: kept.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning(UNTESTED_OPTIMIZER)
+        logger.warning("You are using ZeRO with an untested optimizer in another way")
+    finally:
+        logger.removeHandler(handler)
+    assert kept == ["You are using ZeRO with an untested optimizer in another way"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_known_noise()  # on top of catch_warnings' fresh filters
+        message = ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                   "`torch.distributed.all_gather_single` instead.")
+        warnings.warn(message, FutureWarning, stacklevel=1)
+        warnings.warn("`torch.distributed.all_reduce` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn(message, UserWarning, stacklevel=1)
+    assert [(w.category, str(w.message)[:30]) for w in caught] == [
+        (FutureWarning, "`torch.distributed.all_reduce`"), (UserWarning, "`torch.distributed.all_gather_")]
+
+
+def test_dropping_lines_passes_every_other_line(capsys):
+    from ds_bilevel.distributed import SHM_OP_BUILT, dropping_lines
+
+    with dropping_lines(SHM_OP_BUILT):
+        print("before")
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully, and more")
+        print("part", end="")
+        print(" of a line", end="")
+    assert capsys.readouterr().out == ("before\nDeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built "
+                                       "successfully, and more\npart of a line")
+
+
+def test_a_refusal_is_printed_by_rank_0_at_once_and_by_another_rank_after_a_wait(monkeypatch, capsys):
+    """Rank 0 prints its refusal at once; another rank waits for the launcher to end it (rank 0 refused
+    too) and prints only when still alive: a refusal of its own (issue 18, "one line, once")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", "0")
+    train.refuse("error: x: 1 must be > 2")
+    assert slept == [] and capsys.readouterr().err == "error: x: 1 must be > 2\n"
+    monkeypatch.setenv("RANK", "1")
+    train.refuse("error: x: 1 must be > 2")
+    assert slept == [train.REFUSAL_WAIT_S] and capsys.readouterr().err == "error: x: 1 must be > 2\n"
