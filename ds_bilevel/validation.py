@@ -73,6 +73,8 @@ def checked_ds_config(run: RunConfig, world_size: int) -> tuple[RunConfig, dict]
         if given == device == "nvme" and not offload.get("nvme_path"):
             raise ValueError(f"ds_config: zero_optimization.{section}.nvme_path is missing; allowed: "
                              f"a local NVMe folder when the device is nvme")
+    from ds_bilevel.precision import bf16_second_order_warning
+
     warn_once(bf16_second_order_warning(run.bilevel.hypergrad, run.adapter.method, filled))
     return run, filled
 
@@ -423,6 +425,8 @@ def check_launch(ds_config: dict) -> None:
     check_async_io(ds_config)
     check_master_port()
     check_op_build_locks()
+    from ds_bilevel.precision import emulated_bf16_warning
+
     warn_once(emulated_bf16_warning(ds_config))  # allowed (the numbers are right), but said
 
 
@@ -430,44 +434,6 @@ def warn_once(warning: str | None) -> None:
     """An allowed but doubtful choice, said once (by rank 0), before launch."""
     if warning and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {warning}", file=sys.stderr)
-
-
-def bf16_second_order_warning(hypergrad: str, method: str, ds_config: dict) -> str | None:
-    """A bi-level run whose second-order hypergradient differences two bf16 gradients: allowed,
-    but its second-order term is mostly rounding (issue 12 item 7, docs/methods.md): one builtin:
-    mid-llama block computed in bf16 put J.v 46% off the fp32 product at the default radius."""
-    from ds_bilevel.adapters.registry import METHODS
-    from ds_bilevel.levels import TrainingMode
-
-    if (not (ds_config.get("bf16") or {}).get("enabled") or hypergrad == "first_order"
-            or METHODS[method].training_mode is not TrainingMode.BILEVEL):
-        return None
-    return (f"bilevel.hypergrad {hypergrad} with bf16.enabled = true: its second-order term differences two bf16 "
-            f"gradients and is mostly rounding (J.v measured 46% off fp32 on one mid-llama block); use a DeepSpeed "
-            f"config without bf16 where that term matters, or bilevel.hypergrad first_order (docs/methods.md)")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16/AMX, through oneDNN).
-    Without it PyTorch emulates them: measured 0.94 against 116 GFLOP/s in fp32 (1024^2 matmul,
-    2-core AMD EPYC with AVX2 only), which made the bf16 CPU demo 8.6x slower than in fp32."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 either
-        return False
-
-
-def emulated_bf16_warning(ds_config: dict) -> str | None:
-    """A bf16 run on CPU ranks whose CPU has no bf16 arithmetic: correct, but slow."""
-    import torch
-
-    if not (ds_config.get("bf16") or {}).get("enabled") or torch.cuda.is_available() or cpu_has_native_bf16():
-        return None
-    return ("bf16.enabled = true on a CPU without bf16 arithmetic (no AVX512-BF16/AMX): matrix products are "
-            "emulated, about 100x slower than fp32 here; for speed use a config without bf16 "
-            "(ds_configs/cpu_zero2.json, cpu_zero3.json)")
 
 
 def check_async_io(ds_config: dict) -> None:

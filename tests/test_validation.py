@@ -376,11 +376,11 @@ def test_emulated_bf16_is_warned_once_before_launch(monkeypatch, bf16, native, w
     """bf16 on a CPU without bf16 arithmetic is allowed (the numbers are right) but said, naming the field."""
     import torch
 
-    from ds_bilevel import validation
+    from ds_bilevel import precision
 
-    monkeypatch.setattr(validation, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    warning = validation.emulated_bf16_warning({"bf16": {"enabled": bf16}})
+    warning = precision.emulated_bf16_warning({"bf16": {"enabled": bf16}})
     assert (warning is not None) is warned
     if warned:
         assert warning.startswith("bf16.enabled = true on a CPU without bf16 arithmetic")
@@ -393,7 +393,7 @@ def test_emulated_bf16_is_warned_once_before_launch(monkeypatch, bf16, native, w
     ("bidora", "darts", False, False), ("lora", "darts", True, False), ("bilora_sam", "neumann", True, False)])
 def test_second_order_hypergradient_in_bf16_is_warned(method, hypergrad, bf16, warned):
     """Only a bi-level method with a second-order hypergradient under bf16 is told its term is mostly rounding."""
-    from ds_bilevel.validation import bf16_second_order_warning
+    from ds_bilevel.precision import bf16_second_order_warning
 
     warning = bf16_second_order_warning(hypergrad, method, {"bf16": {"enabled": bf16}})
     assert (warning is not None) is warned
