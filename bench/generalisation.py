@@ -1,17 +1,30 @@
-"""Generalisation study (issue #7): LoRA, DoRA, BiLoRA, BiDoRA and Bi-LoRA on a small noisy task.
+"""Generalisation study (issue #14): does the bi-level help, once every method is tuned fairly?
 
-    python -m bench.generalisation                 # the full study (resumes from its run cache)
-    python -m bench.generalisation --seeds 1 --max_steps 20   # a smoke run
+    python -m bench generalisation                       # the full study (resumes from its run cache)
+    python -m bench generalisation --seeds 1 --tasks decoder --noises 0.25 --max_steps 20   # a smoke run
 
-A LLaMA-architecture model is pre-trained on a synthetic corpus (bench/generalisation_task.py,
-cached), then fine-tuned with every method through launch/train.py (DeepSpeed, 1 CPU rank) on
-the same few noisy examples: the baselines (lora, dora, bilora_sam) on all of them, the bi-level
-methods (bilora, bidora) on D1 + D2 = the same examples. The shared learning rate is picked first
-by a sweep (--sweep_lrs) of LoRA on seed 0: the rate with the best clean test accuracy there
-(ties: the smaller), a choice that favours the LoRA baseline if anything. The clean test set is the training
-file's held-out share (placed so that the recipe holds out exactly it); after training, each
-run is exported merged (fp32) and scored here on the training and the test examples.
-Outputs: bench/results/generalisation.{json,md,png}.
+Two synthetic tasks on bases pre-trained here (bench/generalisation_task.py, cached): sentiment as
+the next word of a LLaMA-architecture causal LM ("decoder"), and as the class of a RoBERTa encoder
+with a classification head ("encoder", as BiDoRA's GLUE setting). For every seed, label-noise level,
+method configuration and learning rate of the grid, one fine-tune (launch/train.py's validation and
+recipe, DeepSpeed, one CPU rank, in bench/generalisation_worker.py: many runs per process) on a
+data file of n_train + n_val examples with the noise's share of labels flipped:
+
+- the recipe holds out n_val of them as the validation split (noisy like the rest, as a user's
+  held-out share is); the bi-level methods split the other n_train into D1 and D2 (split_ratio);
+  so validation is neither D1, D2 nor test;
+- every eval_steps the run scores the validation split and the clean test set (n_test); the
+  reported test accuracy is the one at the step of best validation accuracy (the best checkpoint,
+  i.e. early stopping, for every method alike);
+- the learning rate of each (task, configuration) is chosen first, on tuning seeds of their own
+  (1000, 1001, ...: other examples, other flips) at the tuning noise level: the rate of its grid
+  (GRIDS, per configuration) with the best mean validation accuracy. Test labels never choose anything.
+  The evaluation seeds (0 .. seeds-1) then run at that rate, at every noise level.
+
+Configurations: the one-level baselines, and the bi-level methods both at the project defaults and
+at their paper presets (--preset; bidora_paper with its retraining phase). bilora_sam_paper equals
+bilora_sam's defaults in every setting the study sets, so it is one row. The results are
+bench/results/generalisation.{json,md,png} (bench/generalisation_report.py).
 """
 
 from __future__ import annotations
@@ -20,293 +33,327 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from bench.generalisation_task import CACHE_ROOT, WorldConfig, make_lexicon, make_task, pretrained_model
+from bench.generalisation_task import (
+    CACHE_ROOT,
+    WorldConfig,
+    make_lexicon,
+    make_task,
+    pretrained_encoder,
+    pretrained_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-METHODS = ("lora", "dora", "bilora", "bidora", "bilora_sam")
-NAMES = {"lora": "LoRA", "dora": "DoRA", "bilora": "BiLoRA", "bidora": "BiDoRA", "bilora_sam": "Bi-LoRA"}
-BILEVEL = ("bilora", "bidora")  # trained on D1 / D2 splits of the same training set
+# configuration -> (method, preset or None); the paper presets are ds_bilevel/presets/*.yaml
+CONFIGS = {
+    "lora": ("lora", None), "dora": ("dora", None),
+    "bilora": ("bilora", None), "bilora_paper": ("bilora", "bilora_paper"),
+    "bidora": ("bidora", None), "bidora_paper": ("bidora", "bidora_paper"),
+    "bilora_sam": ("bilora_sam", None),
+}
+TASKS = ("decoder", "encoder")
+# Learning-rate grids, per configuration: four rates each, placed where a pilot run (seed 0, 25%
+# noise, lr 1e-3) showed each family learns: the baselines had peaked by step 40 at 1e-3 (so the grid
+# reaches 1e-4, the low rates that matched BiLoRA in the first study), BiLoRA's softmax lambda (1/r at
+# the start) learns ~r times slower, and the presets adapt only q and v at s = alpha / r = 1 or 2.
+GRIDS = {
+    "lora": [1e-4, 3e-4, 1e-3, 3e-3], "dora": [1e-4, 3e-4, 1e-3, 3e-3], "bilora_sam": [1e-4, 3e-4, 1e-3, 3e-3],
+    "bilora": [3e-4, 1e-3, 3e-3, 1e-2], "bidora": [3e-4, 1e-3, 3e-3, 1e-2],
+    "bilora_paper": [1e-3, 3e-3, 1e-2, 3e-2], "bidora_paper": [1e-3, 3e-3, 1e-2, 3e-2],
+}
+TUNING_SEED0 = 1000
+# The presets adapt the query and value projections, named for LLaMA; RoBERTa's are these.
+ENCODER_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 
 
 @dataclass
 class StudyConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    noises: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.4])
+    seeds: int = 10
+    configs: list[str] = field(default_factory=lambda: list(CONFIGS))
+    learning_rates: list[float] = field(default_factory=list)
+    tuning_seeds: int = 2
+    tuning_noise: float = 0.25
     n_train: int = 128
-    noise: float = 0.25
-    n_test: int = 300
-    negation: float = 0.0  # share of task examples negated ("not" flips the label); see the report
-    seeds: int = 5
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    base_rank: int = 8  # LoRA's rank; the others' ranks are chosen to match its parameter count
+    n_val: int = 64
+    n_test: int = 200
+    negation: float = 0.0
+    base_rank: int = 8
     alpha: float = 16.0
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    learning_rate: float = 3e-3  # used as is when sweep_lrs is empty; else the sweep's pick
-    sweep_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
-    max_steps: int = 250
+    max_steps: int = 80
+    retrain_share: float = 1.5
     micro_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    eval_steps: int = 30
-    hypergrad: str = "darts"
-    split_ratio: float = 0.8
+    eval_steps: int = 10
     ds_config: str = "ds_configs/cpu_zero2.json"
-    master_port: int = 29731
+    zero_stage: int = 0
+    workers: int = 2
+    time_budget_min: float = 0.0
 
-    def key(self, world: WorldConfig) -> str:
-        settings = {k: v for k, v in asdict(self).items() if k not in ("seeds", "methods", "master_port", "sweep_lrs")}
-        return hashlib.sha256(json.dumps([settings, world.key()], sort_keys=True).encode()).hexdigest()[:12]
+    def run_key(self) -> dict:
+        """The settings every run depends on (not which runs, nor how they are scheduled)."""
+        skip = {"tasks", "noises", "seeds", "configs", "learning_rates", "tuning_seeds", "tuning_noise", "workers",
+                "time_budget_min"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
-# ---- equal budgets and equal data -------------------------------------------------------------
+STUDY_HELP = {  # python -m bench generalisation --help
+    "tasks": f"tasks, from {list(TASKS)}",
+    "noises": "shares of flipped training (and validation) labels, one study cell each",
+    "seeds": "seeds per cell (each draws its own examples, flipped labels and adapter init)",
+    "configs": f"method configurations, from {list(CONFIGS)}",
+    "learning_rates": "one learning-rate grid for every configuration instead of GRIDS (a preset's other rates "
+                      "keep their ratio to it)",
+    "tuning_seeds": "seeds (1000, 1001, ...) of the learning-rate choice, apart from the evaluation seeds",
+    "tuning_noise": "label noise of the learning-rate choice",
+    "n_train": "training examples (the bi-level methods' D1 + D2)",
+    "n_val": "validation examples held out of the same noisy file (early stopping, learning-rate choice)",
+    "n_test": "clean test examples",
+    "negation": 'share of task examples negated ("not" flips the label)',
+    "base_rank": "rank at the project defaults; the other methods' ranks match LoRA's parameter count",
+    "alpha": "adapter alpha at the project defaults",
+    "max_steps": "inner training steps per run",
+    "retrain_share": "bidora_paper's retraining steps per search step (the released scripts: 30000 / 20000)",
+    "micro_batch_size": "examples per step",
+    "eval_steps": "evaluate validation and test every N steps",
+    "ds_config": "DeepSpeed config of every run (its ZeRO stage replaced by --zero_stage)",
+    "zero_stage": "ZeRO stage of the runs (one rank: 0 is the same arithmetic as 2 without its bookkeeping, "
+                  "tests/test_invariance.py)",
+    "workers": "processes running fine-tunes side by side (one thread each)",
+    "time_budget_min": "stop starting runs after this many minutes (0: no limit); the report uses whole seeds",
+}
 
-def parameter_counts(model_dir: str | Path, method: str, rank: int, targets: str) -> dict[str, int]:
+
+# ---- equal budgets ---------------------------------------------------------------------------
+
+def parameter_counts(model_dir: str | Path, method: str, rank: int, targets: str,
+                     encoder: bool = False) -> dict[str, int]:
     """{"inner", "outer", "trained", "inference"}: adapter parameters of ``method`` at ``rank`` on the
     model in ``model_dir`` (built on the meta device), counted from the layers' declared levels.
-    Inference = what the merged model uses: everything, except Bi-LoRA's auxiliary (outer) module."""
+    Inference = what the merged model uses: everything, except Bi-LoRA's auxiliary (outer) module.
+    An encoder's classification head (trained whole by every method) is not counted."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ds_bilevel.adapters import AdapterConfig, inject_adapters
+    from ds_bilevel.heads import head_names
     from ds_bilevel.levels import Level, named_level_parameters
 
+    auto = AutoModelForSequenceClassification if encoder else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    inject_adapters(model, AdapterConfig(method=method, rank=rank, aux_rank=rank, target_modules=targets.split(",")))
+        model = auto.from_config(AutoConfig.from_pretrained(model_dir, **({"num_labels": 2} if encoder else {})))
+    config = AdapterConfig(method=method, rank=rank, aux_rank=rank, target_modules=targets.split(","))
+    inject_adapters(model, config, exclude=head_names(model) if encoder else ())
     inner, outer = (sum(p.numel() for _, p in named_level_parameters(model, level))
                     for level in (Level.INNER, Level.OUTER))
     inference = inner if method == "bilora_sam" else inner + outer
     return {"inner": inner, "outer": outer, "trained": inner + outer, "inference": inference}
 
 
-def matched_ranks(model_dir, study: StudyConfig) -> dict[str, dict]:
-    """Per method, the rank whose inference-time parameter count is closest to LoRA's at base_rank."""
-    budget = parameter_counts(model_dir, "lora", study.base_rank, study.target_modules)["inference"]
+def matched_ranks(model_dir, study: StudyConfig, encoder: bool = False) -> dict[str, dict]:
+    """Per configuration at the project defaults, the rank whose inference-time parameter count is
+    closest to LoRA's at base_rank (a preset keeps its own rank and targets: counted, not matched)."""
+    budget = parameter_counts(model_dir, "lora", study.base_rank, "all-linear", encoder)["inference"]
     chosen = {}
-    for method in study.methods:
-        options = [(r, parameter_counts(model_dir, method, r, study.target_modules))
+    for name in study.configs:
+        method, preset = CONFIGS[name]
+        if preset is not None:
+            rank, targets = preset_adapter(preset, encoder)
+            chosen[name] = {"rank": rank, "targets": targets, "budget": budget,
+                            **parameter_counts(model_dir, method, rank, targets, encoder)}
+            continue
+        options = [(r, parameter_counts(model_dir, method, r, "all-linear", encoder))
                    for r in range(max(1, study.base_rank - 2), study.base_rank + 3)]
         rank, counts = min(options, key=lambda o: (abs(o[1]["inference"] - budget), o[0]))
-        chosen[method] = {"rank": rank, **counts, "budget": budget}
+        chosen[name] = {"rank": rank, "targets": "all-linear", **counts, "budget": budget}
     return chosen
 
 
-def heldout_positions(n_train: int, n_test: int, seed: int) -> list[int]:
-    """The file rows that ``datasets``' train_test_split(test_size=n_test, seed=seed) holds out."""
-    from datasets import Dataset
+def preset_values(preset: str) -> dict:
+    """The preset's settings, flat ({"adapter.rank": 4, "bilevel.retrain_steps": 30000, ...})."""
+    from ds_bilevel.config import read_preset
 
-    rows = Dataset.from_dict({"row": list(range(n_train + n_test))})
-    return sorted(rows.train_test_split(test_size=n_test, seed=seed)["test"]["row"])
-
-
-def write_task_file(path: Path, train: list[dict], test: list[dict], seed: int, data_config) -> None:
-    """One JSONL whose held-out share (the recipe's evaluation set) is exactly the clean test set;
-    checked with the recipe's own ``load_records``."""
-    from ds_bilevel.data import load_records
-
-    held = set(heldout_positions(len(train), len(test), seed))
-    train_it, test_it = iter(train), iter(test)
-    rows = [next(test_it) if i in held else next(train_it) for i in range(len(train) + len(test))]
-    path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
-    got_train, got_eval = load_records(str(path), data_config, seed)
-
-    def pairs(examples):
-        return sorted((e["text"], data_config.label_names[e["label"]]) for e in examples)
-
-    if sorted(zip(got_eval["prompt"], got_eval["response"], strict=True)) != pairs(test) or \
-            sorted(zip(got_train["prompt"], got_train["response"], strict=True)) != pairs(train):
-        raise RuntimeError(f"{path}: the recipe's train/eval split is not the intended train/test split")
+    return read_preset(preset)
 
 
-def bilevel_split_sizes(n_train: int, split_ratio: float, seed: int) -> tuple[int, int]:
-    from ds_bilevel.schedule import split_d1_d2
-
-    d1, d2 = split_d1_d2(n_train, split_ratio, seed)
-    return len(d1), len(d2)
+def preset_adapter(preset: str, encoder: bool) -> tuple[int, str]:
+    values = preset_values(preset)
+    targets = values.get("adapter.target_modules", ["all-linear"])
+    targets = targets.split(",") if isinstance(targets, str) else targets
+    return values.get("adapter.rank", 8), ",".join(ENCODER_NAMES.get(t, t) if encoder else t for t in targets)
 
 
 # ---- one run ---------------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    method: str
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    noise: float
+    config: str
+    learning_rate: float
     seed: int
-    rank: int
-    model_dir: Path
-    data_file: Path
-    labels: tuple[str, str]
-    out: Path
 
 
-def train_args(study: StudyConfig, job: Job) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-            str(study.master_port), "launch/train.py", "--ds_config", study.ds_config,
-            "--model_name_or_path", str(job.model_dir), "--dataset", str(job.data_file),
-            "--data.format", "classification", "--data.label_names", ",".join(job.labels),
-            "--data.eval_size", str(study.n_test), "--method", job.method, "--seed", str(job.seed),
-            "--adapter.rank", str(job.rank), "--adapter.aux_rank", str(job.rank), "--adapter.alpha", str(study.alpha),
-            "--adapter.target_modules", study.target_modules, "--learning_rate", str(study.learning_rate),
+def write_task_files(folder: Path, study: StudyConfig, world: WorldConfig, noise: float,
+                     seed: int) -> tuple[Path, Path]:
+    """(training file, test file) of one seed and noise level: n_train + n_val noisy examples (the
+    recipe holds out n_val as validation), and the clean test set."""
+    lex = make_lexicon(world)
+    train, test = make_task(lex, study.n_train + study.n_val, study.n_test, noise, seed, study.negation)
+    paths = folder / f"task-noise{noise:g}-seed{seed}.jsonl", folder / f"test-seed{seed}.jsonl"
+    for path, rows in zip(paths, (train, test), strict=True):  # rewritten: the settings may have changed
+        path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
+    return paths
+
+
+def train_argv(study: StudyConfig, cell: Cell, model_dir: Path, data_file: Path, labels, budget: dict,
+               out: Path, ds_config: Path) -> list[str]:
+    """launch/train.py's flags for one run."""
+    method, preset = CONFIGS[cell.config]
+    argv = ["--ds_config", str(ds_config), "--model_name_or_path", str(model_dir), "--dataset", str(data_file),
+            "--data.format", "classification", "--data.label_names", ",".join(labels),
+            "--data.eval_size", str(study.n_val), "--method", method, "--seed", str(cell.seed),
             "--max_steps", str(study.max_steps), "--micro_batch_size", str(study.micro_batch_size),
-            "--gradient_accumulation_steps", str(study.gradient_accumulation_steps),
-            "--eval_steps", str(study.eval_steps), "--log_steps", str(study.eval_steps),
-            "--hypergrad", study.hypergrad, "--split_ratio", str(study.split_ratio),
+            "--gradient_accumulation_steps", "1", "--eval_steps", str(study.eval_steps),
+            "--log_steps", str(study.eval_steps), "--save_steps", "0",
             "--gradient_checkpointing", "false",  # a 1M-parameter model: memory is no concern, time is
-            "--output_dir", str(job.out), "--overwrite_output_dir", "true"]
+            "--output_dir", str(out), "--overwrite_output_dir", "true"]
+    if preset is None:
+        return argv + ["--learning_rate", str(cell.learning_rate), "--adapter.rank", str(budget["rank"]),
+                       "--adapter.aux_rank", str(budget["rank"]), "--adapter.alpha", str(study.alpha),
+                       "--adapter.target_modules", "all-linear"]
+    values = preset_values(preset)
+    scale = cell.learning_rate / values["learning_rate"]  # the grid moves every rate of the preset alike
+    argv += ["--preset", preset, "--learning_rate", str(cell.learning_rate),
+             "--adapter.target_modules", budget["targets"]]
+    for key in ("bilevel.outer_learning_rate", "bilevel.retrain_learning_rate"):
+        if values.get(key):
+            argv += [f"--{key}", f"{values[key] * scale:.6g}"]
+    if values.get("bilevel.retrain_steps"):
+        argv += ["--bilevel.retrain_steps", str(round(study.retrain_share * study.max_steps))]
+    return argv
 
 
-def run_job(study: StudyConfig, job: Job, log) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    proc = subprocess.run(train_args(study, job), cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    (job.out.parent / f"{job.out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not (job.out / "summary.json").is_file():
-        for shm in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{study.master_port}_*"):  # only ours
-            shm.unlink(missing_ok=True)
-        tail = (proc.stdout + proc.stderr)[-1500:]
-        log(f"{job.method} seed {job.seed} failed (exit {proc.returncode}):\n{tail}")
-        return {"method": job.method, "seed": job.seed, "failed": True, "exit_code": proc.returncode, "tail": tail}
-    summary = json.loads((job.out / "summary.json").read_text())
-    curve = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines()]
-    return {"method": job.method, "seed": job.seed, "rank": job.rank, "launch_wall_s": wall,
-            "train_time_s": summary["train_time_s"], "recipe_test_exact_match": summary["exact_match_after"],
-            "relative_change": summary.get("relative_change"),
-            "test_curve": [(r["step"], r["eval_exact_match"]) for r in curve if "eval_exact_match" in r]}
-
-
-def score(job: Job, train: list[dict], test: list[dict], data_config) -> dict:
-    """Export the run merged in fp32, load it with plain transformers, and measure teacher-forced
-    exact match (as the recipe does) on the noisy training labels, the clean ones, and the test set."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ds_bilevel.data import collate, tokenize
-    from ds_bilevel.export import export
-
-    merged = export(job.out, job.out.parent / f"{job.out.name}-merged", format="merged", dtype="float32",
-                    overwrite=True)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-
-    label_ids = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids[0] for w in job.labels])
-    predicted: list[int] = []  # test set: the likelier of the two label words at the label position
-
-    def right(examples: list[dict], label_key: str) -> list[bool]:
-        records = Dataset.from_list([{"prompt": e["text"], "response": job.labels[e[label_key]]} for e in examples])
-        encoded, out = tokenize(records, tokenizer, data_config), []
-        predicted.clear()
-        for i in range(0, len(encoded), 64):
-            batch = collate([encoded[j] for j in range(i, min(i + 64, len(encoded)))], tokenizer.pad_token_id)
-            with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            target = batch["labels"][:, 1:]
-            out += ((logits[:, :-1].argmax(-1) == target) | (target == -100)).all(1).tolist()
-            first = (target != -100).int().argmax(1)  # where the label word is predicted
-            pair = logits[:, :-1][torch.arange(len(first)), first][:, label_ids]
-            predicted.extend((pair[:, 1] > pair[:, 0]).int().tolist())
-        return out
-
-    fit, clean, on_test = right(train, "label"), right(train, "clean_label"), right(test, "label")
-    noisy = [i for i, e in enumerate(train) if e["noisy"]]
-    shutil.rmtree(merged)
-    return {"train_acc": sum(fit) / len(fit), "train_clean_acc": sum(clean) / len(clean),
-            "test_acc": sum(on_test) / len(on_test), "gap": sum(fit) / len(fit) - sum(on_test) / len(on_test),
-            "noise_memorised": sum(fit[i] for i in noisy) / max(len(noisy), 1),
-            "test_predicted_positive": sum(predicted) / len(predicted),
-            "test_choice_acc": sum(p == e["label"] for p, e in zip(predicted, test, strict=True)) / len(test)}
+def run_id(study: StudyConfig, world: WorldConfig, cell: Cell, base: Path) -> str:
+    """The run's cache name: its settings, its cell and its base (the pre-training's record, less its
+    duration: the same seeded pre-training on another machine names the same runs)."""
+    record = json.loads((base / "pretraining.json").read_text())
+    record.pop("seconds", None)
+    base_record = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    key = json.dumps([study.run_key(), world.key(), asdict(cell), base_record], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ---- the study -------------------------------------------------------------------------------
 
-def pick_learning_rate(sweep: list[dict], default: float) -> float:
-    """The swept rate with the best LoRA seed-0 clean test accuracy (ties: the smaller rate)."""
-    done = [r for r in sweep if not r.get("failed")]
-    return min(done, key=lambda r: (-r["test_acc"], r["learning_rate"]))["learning_rate"] if done else default
+def grid(study: StudyConfig, config: str) -> list[float]:
+    return [float(lr) for lr in (study.learning_rates or GRIDS[config])]
+
+
+def tuning_cells(study: StudyConfig) -> list[Cell]:
+    return [Cell(task, float(study.tuning_noise), config, lr, TUNING_SEED0 + seed)
+            for seed in range(study.tuning_seeds) for task in study.tasks for config in study.configs
+            for lr in grid(study, config)]
+
+
+def evaluation_cells(study: StudyConfig, chosen: dict[tuple[str, str], float]) -> list[Cell]:
+    """Seed by seed: a study stopped by its time budget has whole seeds (the report uses only those)."""
+    return [Cell(task, float(noise), config, chosen[task, config], seed) for seed in range(study.seeds)
+            for task in study.tasks for noise in study.noises for config in study.configs
+            if (task, config) in chosen]
+
+
+class Study:
+    """The runs of one study: their jobs, the cache that holds their results, the workers that run them."""
+
+    def __init__(self, study: StudyConfig, world: WorldConfig, log=print):
+        self.study, self.world, self.log = study, world, log
+        self.cache = CACHE_ROOT / "generalisation-v2"
+        (self.cache / "runs").mkdir(parents=True, exist_ok=True)
+        self.bases = {"decoder": pretrained_model(world, log) if "decoder" in study.tasks else None,
+                      "encoder": pretrained_encoder(world, log) if "encoder" in study.tasks else None}
+        self.lex = make_lexicon(world)
+        self.budgets = {task: matched_ranks(self.bases[task], study, encoder=task == "encoder")
+                        for task in study.tasks}
+        self.ds_config = self.cache / f"ds_config_zero{study.zero_stage}.json"
+        ds_config = json.loads((ROOT / study.ds_config).read_text())
+        ds_config["zero_optimization"] = {**ds_config.get("zero_optimization", {}), "stage": study.zero_stage}
+        self.ds_config.write_text(json.dumps(ds_config, indent=2))
+        self.deadline = time.time() + study.time_budget_min * 60 if study.time_budget_min else None
+        self.seed_cache_from(RESULTS / "generalisation.json")
+
+    def seed_cache_from(self, report: Path) -> None:
+        """The runs of a committed report are cached runs: a study resumes on another machine (the run
+        cache under ~/.cache is local) where it stopped, and a report regenerates without re-running."""
+        if not report.is_file():
+            return
+        cell_keys = {f.name for f in fields(Cell)} | {"stage", "run_id"}
+        for run in json.loads(report.read_text()).get("runs", []):
+            path = self.cache / "runs" / f"{run.get('run_id')}.json"
+            if "run_id" in run and not path.is_file():
+                path.write_text(json.dumps({k: v for k, v in run.items() if k not in cell_keys}))
+
+    def run(self, cells: list[Cell], stage: str) -> list[dict]:
+        """Every cell's result (running those not cached); a cell the time budget left out has none."""
+        jobs = {}
+        for cell in cells:
+            data_file, test_file = write_task_files(self.cache, self.study, self.world, cell.noise, cell.seed)
+            rid = run_id(self.study, self.world, cell, self.bases[cell.task])
+            argv = train_argv(self.study, cell, self.bases[cell.task], data_file, self.lex.labels,
+                              self.budgets[cell.task][cell.config], self.cache / "out" / rid, self.ds_config)
+            jobs[cell] = {"argv": argv, "test_file": str(test_file), "result": str(self.cache / "runs" / f"{rid}.json")}
+        todo = [job for job in jobs.values() if not Path(job["result"]).is_file()]
+        self.log(f"{stage}: {len(jobs)} runs, {len(jobs) - len(todo)} cached, {len(todo)} to run on "
+                 f"{self.study.workers} workers")
+        if todo:
+            run_workers(todo, self.study.workers, self.deadline, self.cache, self.log)
+        return [{**asdict(cell), "stage": stage, "run_id": Path(job["result"]).stem,
+                 **json.loads(Path(job["result"]).read_text())} for cell, job in jobs.items()
+                if Path(job["result"]).is_file()]
 
 
 def run_study(study: StudyConfig, world: WorldConfig, log=print) -> dict:
-    from ds_bilevel.data import DataConfig
+    from bench.generalisation_report import choose_learning_rates
 
     start = time.perf_counter()
-    model_dir = pretrained_model(world, log)
-    lex = make_lexicon(world)
-    data_config = DataConfig(format="classification", label_names=list(lex.labels), eval_size=study.n_test)
-    budgets = matched_ranks(model_dir, study)
-    log("ranks and adapter parameters: " + ", ".join(f"{m} r={b['rank']} {b['inference']}" for m, b in budgets.items()))
-    context = (lex, data_config, model_dir, budgets, start, log)
-    sweep = []
-    for lr in study.sweep_lrs:
-        swept = replace(study, learning_rate=float(lr))
-        sweep += [{**r, "learning_rate": float(lr)} for r in run_seeds(swept, world, ["lora"], [0], context)]
-    if study.sweep_lrs:
-        study = replace(study, learning_rate=pick_learning_rate(sweep, study.learning_rate))
-        log("learning-rate sweep (LoRA, seed 0): " + ", ".join(
-            f"{r['learning_rate']:g}: test {r.get('test_acc', -1):.3f} train {r.get('train_acc', -1):.3f}"
-            for r in sweep) + f" -> {study.learning_rate:g}")
-    runs = run_seeds(study, world, study.methods, range(study.seeds), context)
-    d1, d2 = bilevel_split_sizes(study.n_train, study.split_ratio, 0)
-    pretraining = json.loads((model_dir / "pretraining.json").read_text())
-    return {"study": asdict(study), "world": asdict(world), "lexicon": asdict(lex), "pretraining": pretraining,
-            "model_dir": str(model_dir), "budgets": budgets, "split_sizes": {"d1": d1, "d2": d2},
-            "sweep": sweep, "runs": runs, "wall_s": time.perf_counter() - start}
+    runs = Study(study, world, log)
+    tuning = runs.run(tuning_cells(study), "tuning")
+    chosen = choose_learning_rates(tuning, study.max_steps)
+    log("learning rates: " + ", ".join(f"{task} {config} {lr:g}" for (task, config), lr in chosen.items()))
+    evaluation = runs.run(evaluation_cells(study, chosen), "evaluation")
+    pretraining = {task: json.loads((runs.bases[task] / "pretraining.json").read_text()) for task in study.tasks}
+    return {"study": asdict(study), "world": asdict(world), "lexicon": asdict(runs.lex), "pretraining": pretraining,
+            "budgets": runs.budgets, "grids": {config: grid(study, config) for config in study.configs},
+            "chosen": [{"task": t, "config": c, "learning_rate": lr} for (t, c), lr in chosen.items()],
+            "runs": tuning + evaluation, "wall_s": time.perf_counter() - start}
 
 
-def run_seeds(study: StudyConfig, world: WorldConfig, methods, seeds, context) -> list[dict]:
-    """Every method on every seed (cached per settings hash, method and seed)."""
-    lex, data_config, model_dir, budgets, start, log = context
-    cache = CACHE_ROOT / f"generalisation-{study.key(world)}"
-    cache.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in seeds:
-        train, test = make_task(lex, study.n_train, study.n_test, study.noise, seed, study.negation)
-        data_file = cache / f"task-seed{seed}.jsonl"
-        write_task_file(data_file, train, test, seed, data_config)
-        for method in methods:
-            result_file = cache / f"{method}-seed{seed}.json"
-            if result_file.is_file():
-                runs.append(json.loads(result_file.read_text()))
-                continue
-            job = Job(method, seed, budgets[method]["rank"], model_dir, data_file, lex.labels,
-                      cache / f"run-{method}-seed{seed}")
-            log(f"[{time.perf_counter() - start:6.0f} s] {method} seed {seed} ...")
-            result = run_job(study, job, log)
-            if not result.get("failed"):
-                result.update(score(job, train, test, data_config))
-                log(f"    test {result['test_acc']:.3f} train {result['train_acc']:.3f} "
-                    f"predicted positive {result['test_predicted_positive']:.2f} "
-                    f"(recipe's bf16 test {result['recipe_test_exact_match']:.3f}, {result['launch_wall_s']:.0f} s)")
-            result_file.write_text(json.dumps(result))
-            runs.append(result)
-    return runs
-
-
-STUDY_HELP = {  # python -m bench generalisation --help
-    "n_train": "training examples of the noisy task",
-    "noise": "share of training labels flipped",
-    "n_test": "clean test examples",
-    "negation": 'share of task examples negated ("not" flips the label)',
-    "seeds": "seeds per method (each draws its own examples and flipped labels)",
-    "methods": f"methods compared, from {list(METHODS)}",
-    "base_rank": "LoRA's rank; the other methods' ranks match its parameter count",
-    "alpha": "adapter alpha of every method",
-    "target_modules": "comma-separated layers adapted",
-    "learning_rate": "the learning rate when --sweep_lrs is empty (else the sweep picks one)",
-    "sweep_lrs": "learning rates of the LoRA sweep on seed 0 that picks the shared rate (empty: no sweep)",
-    "max_steps": "training steps per run",
-    "micro_batch_size": "examples per rank per forward",
-    "gradient_accumulation_steps": "micro batches per optimizer step",
-    "eval_steps": "evaluate every N steps",
-    "hypergrad": "hypergradient of the bi-level methods",
-    "split_ratio": "share of the training data in D1 (bi-level methods)",
-    "ds_config": "DeepSpeed config of every run",
-    "master_port": "port of the runs' process groups",
-}
+def run_workers(todo: list[dict], workers: int, deadline: float | None, cache: Path, log) -> None:
+    """Worker processes side by side, the jobs dealt round-robin; each stops starting jobs at the deadline."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)  # each worker is a one-rank world of its own (its own free port)
+    procs = []
+    for w in range(workers):
+        plan = cache / f"worker{w}-{os.getpid()}.json"  # two studies at once do not share plans
+        plan.write_text(json.dumps({"deadline": deadline, "jobs": todo[w::workers]}))
+        log_file = plan.with_suffix(".log").open("w")
+        procs.append((subprocess.Popen([sys.executable, str(ROOT / "bench" / "generalisation_worker.py"), str(plan)],
+                                       cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_file))
+    started, total = time.perf_counter(), len(todo)
+    while any(p.poll() is None for p, _ in procs):
+        time.sleep(30)
+        done = sum(Path(job["result"]).is_file() for job in todo)
+        log(f"[{(time.perf_counter() - started) / 60:5.1f} min] {done}/{total} runs")
+    for p, log_file in procs:
+        log_file.close()
+        if p.returncode != 0:
+            log(f"a worker exited with {p.returncode}: see {log_file.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,19 +367,19 @@ def main(argv: list[str] | None = None) -> int:
     defaults = StudyConfig()
     for f in fields(StudyConfig):
         value = getattr(defaults, f.name)
-        if f.name == "sweep_lrs":
-            parser.add_argument("--sweep_lrs", nargs="*", type=float, default=value, help=STUDY_HELP[f.name])
-        elif isinstance(value, list):
-            parser.add_argument(f"--{f.name}", nargs="+", default=value, help=STUDY_HELP[f.name])
+        if isinstance(value, list):
+            kind = float if f.name in ("noises", "learning_rates") else str
+            parser.add_argument(f"--{f.name}", nargs="+", type=kind, default=value, help=STUDY_HELP[f.name])
         else:
             parser.add_argument(f"--{f.name}", type=type(value), default=value, help=STUDY_HELP[f.name])
     parser.add_argument("--out", default=str(RESULTS), help="folder for generalisation.{json,md,png}")
     args = vars(parser.parse_args(argv))
     out = Path(args.pop("out"))
     study = StudyConfig(**args)
-    unknown = set(study.methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    for name, allowed in (("tasks", TASKS), ("configs", CONFIGS)):
+        unknown = set(getattr(study, name)) - set(allowed)
+        if unknown:
+            parser.error(f"--{name}: unknown {sorted(unknown)}; choose from {list(allowed)}")
     results = run_study(study, WorldConfig(), log=lambda m: print(m, flush=True))
     paths = write_report(results, out)
     print("wrote " + ", ".join(str(p) for p in paths))
