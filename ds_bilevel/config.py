@@ -92,6 +92,12 @@ class RunConfig:
     Trainer uses); needs a CUDA GPU and `pip install ".[gpu]"` (ds_bilevel/kernels.py)."""
     torch_compile: bool = False
     """torch.compile each decoder layer (regional compilation); CUDA GPU only (ds_bilevel/kernels.py)."""
+    linear_cross_entropy: bool = False
+    """A causal LM's training loss from the last hidden states, the output projection and the
+    cross-entropy computed together per chunk of tokens (ds_bilevel/loss_head.py): the (B, T, V)
+    logits and their gradient never exist (2.1 GB each at 8192 tokens x 128256 vocabulary in
+    bf16), for one more projection per chunk in backward. Exact to fp32 rounding. On with
+    use_liger_kernel (Liger's fused kernel, as HF Trainer does)."""
     eval_steps: int = 50
     """Evaluate every N inner steps, besides before and after training (0: only those two)."""
     eval_batch_size: int = 32
@@ -143,7 +149,7 @@ class RunConfig:
         for name in ("weight_decay", "max_grad_norm", "eval_steps", "save_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 0")
-        for name in ("use_liger_kernel", "torch_compile"):
+        for name in ("use_liger_kernel", "torch_compile", "linear_cross_entropy"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be true or false")
         for name in ("adam_beta1", "adam_beta2"):

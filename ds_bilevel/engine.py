@@ -33,6 +33,7 @@ from ds_bilevel.levels import (
     set_regularization,
     training_mode,
 )
+from ds_bilevel.loss_head import loss_head_of
 from ds_bilevel.losses import loss_sum
 from ds_bilevel.optim import (
     adam_settings,
@@ -101,6 +102,7 @@ class BilevelEngine:
         self.client_optimizer = innermost_optimizer(self.optimizer)
         self.scheduler = level_scheduler(self.client_optimizer, run, self.mode)
         self.params = {level: level_parameters(self.ds_engine.module, level) for level in Level}
+        self.loss_head = loss_head_of(self.ds_engine.module)
         self.world_size = self.ds_engine.world_size
         self.accumulation = self.ds_engine.gradient_accumulation_steps()
         self.batches: dict[Objective, Batch] = {}
@@ -129,9 +131,13 @@ class BilevelEngine:
         the host wait for this forward before it can queue the backward.
         """
         device = self.ds_engine.device
-        logits = self.ds_engine(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device)).logits
-        summed = loss_sum(logits, batch["labels"].to(device))
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        labels = batch["labels"].to(device)
+        if self.loss_head is not None:  # the head returns the summed loss itself (loss_head.py)
+            with self.loss_head.scoring(labels):
+                summed = self.ds_engine(**inputs).logits
+        else:
+            summed = loss_sum(self.ds_engine(**inputs).logits, labels)
         return summed * (self.world_size * self.accumulation / labelled_tokens), summed.detach()
 
     def _run_pass(self, objective: Objective) -> None:

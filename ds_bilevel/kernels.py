@@ -7,9 +7,10 @@ model instance, before the adapters are injected: Liger's SwiGLU calls the model
 run. Liger's fused linear cross-entropy is not taken through Liger's patched
 ``LlamaForCausalLM.forward``: it reads ``lm_head.weight`` outside the ``lm_head`` module, which
 ZeRO-3 has not gathered there, and it only runs when labels are passed to the model, which the
-engine does not do. The loss without full logits is ``losses.linear_token_loss_sum`` (chunked,
-exact, any device); where Liger is applied its fused kernel is used for the same sum
-(``fused_linear_loss_fn``).
+engine does not do. Instead, as HF Trainer's ``use_liger_kernel`` does, the run's loss comes from
+Liger's fused linear cross-entropy (``fused_linear_loss_fn``) called inside the output head's own
+forward (loss_head.py), where ZeRO-3 has gathered the weight; ``linear_cross_entropy`` without
+Liger uses the chunked ``losses.linear_token_loss_sum`` there instead (exact, any device).
 
 ``torch_compile`` compiles each decoder layer on its own (regional compilation: one graph
 reused by every layer, compiled in seconds; DeepSpeed's ZeRO-3 hooks stay outside the

@@ -1,6 +1,6 @@
 """What a run trains on, built the same way on every rank and in the plain-PyTorch reference:
-the tokenizer and data sets, the model with its kernels, activation checkpointing and adapters
-(``prepare``), and where each kind of step takes its batches (``batch_sources``).
+the tokenizer and data sets, the model with its kernels, activation checkpointing, adapters and
+loss head (``prepare``), and where each kind of step takes its batches (``batch_sources``).
 
 The recipe (recipe.py), the reference (reference.py) and the tests build runs through here.
 """
@@ -15,8 +15,9 @@ import torch
 from ds_bilevel.adapters import inject_adapters
 from ds_bilevel.data import load_records, load_validation, tokenize
 from ds_bilevel.heads import head_names, train_head
-from ds_bilevel.kernels import apply_kernels
+from ds_bilevel.kernels import apply_kernels, fused_linear_loss_fn
 from ds_bilevel.levels import StepKind, TrainingMode
+from ds_bilevel.loss_head import install_loss_head
 from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
 from ds_bilevel.schedule import BatchSource, split_d1_d2
 
@@ -75,6 +76,9 @@ def prepare(run: RunConfig, ds_config: dict | DeepSpeedSettings | None = None,
     adapted = inject_adapters(model, run.adapter, exclude=head_names(model) if labels is not None else ())
     if labels is not None:
         train_head(model)
+    elif run.linear_cross_entropy or run.use_liger_kernel:
+        # The loss computed inside the output head, never its logits (loss_head.py).
+        install_loss_head(model, fused_linear_loss_fn() if run.use_liger_kernel else None)
     mark("model_and_adapters")
     return Prepared(tokenizer, train_set, eval_set, d2_set, model, labels, adapted)
 

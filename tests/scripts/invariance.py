@@ -52,6 +52,11 @@ STAGES = {
     "stage3_partitioned": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "stage3_offload": {"stage": 3, "stage3_param_persistence_threshold": 0, **OFFLOAD},
 }
+# Rows at these stages train with the loss computed inside the output head (linear_cross_entropy,
+# loss_head.py): the head's weight is partitioned there (threshold 0) and offloaded, so these rows
+# prove it is gathered for the loss's forward and again for its backward. The reference computes
+# the loss from the logits: the two are equal to fp32 rounding.
+LINEAR_LOSS_STAGES = ("stage3_offload",)
 WORLD_SIZES = (1, 2)
 ACCUMULATIONS = (1, 2, 4)
 PRECISIONS = ("fp32", "bf16")
@@ -119,7 +124,7 @@ def row_name(row: dict) -> str:
 
 def run_settings(row: dict, output_dir: Path | str) -> dict:
     return {**SHARED, **METHODS[row["method"]], "gradient_accumulation_steps": row["accumulation"],
-            "gradient_checkpointing": row["checkpointing"],
+            "gradient_checkpointing": row["checkpointing"], "linear_cross_entropy": row["stage"] in LINEAR_LOSS_STAGES,
             "micro_batch_size": GLOBAL_BATCH // (row["accumulation"] * row["world"]), "output_dir": str(output_dir)}
 
 
