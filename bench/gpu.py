@@ -7,7 +7,8 @@ Two launches (bench/gpu_worker.py runs several configurations in one process tre
 ZeRO-3 (ds_configs/zero2_bf16.json, zero3_bf16.json), each with PEFT LoRA and DoRA
 (bench/peft_worker.py), ours LoRA, DoRA, BiLoRA first_order, BiDoRA first_order and darts
 (T1 = 1) and Bi-LoRA on ``builtin:mid-llama``; the ZeRO-2 launch ends with ours LoRA on
-``builtin:llama-3-8b-shape`` (8.0B, vocabulary 128256). bf16, activation checkpointing, r = 16
+``builtin:llama-3-8b-shape`` (8.0B, vocabulary 128256), with the logits and with the loss inside
+the output head (``linear_cross_entropy``). bf16, activation checkpointing, r = 16
 on all seven projections, micro batch ``--micro_batch`` of exactly ``--seq`` tokens (a generated
 JSONL file), one run each. The whole tree has ``--budget_s`` (default 540 s): configurations
 past it are recorded as skipped, not run. Writes DIR/gpu.json and DIR/gpu.md.
@@ -43,6 +44,7 @@ CONFIGS = {
     "bidora darts": ("ours", "bidora", "darts"), "bilora_sam": ("ours", "bilora_sam", None),
 }
 PEER = {"lora": "peft lora", "dora": "peft dora"}
+BIG_ROW = "lora 8b-shape"
 
 
 def write_dataset(path: Path, rows: int, seq: int, seed: int = 0) -> None:
@@ -112,8 +114,13 @@ def plans(options, data: Path, out: Path, deadline: float) -> list[dict]:
                             "argv": args + (method_args(method, hypergrad) if kind == "ours" else [])})
         if options.big_model and stage == 2:
             args = train_args(options, options.big_model, options.big_steps, stage, data, out / "runs" / "zero2_8b")
-            configs.append({"name": "lora 8b-shape", "kind": "ours", "method": "lora", "model": options.big_model,
+            configs.append({"name": BIG_ROW, "kind": "ours", "method": "lora", "model": options.big_model,
                             "argv": args + method_args("lora")})
+            # the same with the loss inside the output head: no (B, T, V) logits at 128256 tokens' vocabulary
+            args = train_args(options, options.big_model, options.big_steps, stage, data, out / "runs" / "zero2_8b_lce")
+            configs.append({"name": f"{BIG_ROW} linear_cross_entropy", "kind": "ours", "method": "lora",
+                            "model": options.big_model,
+                            "argv": args + method_args("lora") + ["--linear_cross_entropy", "true"]})
         result.append({"group": f"zero{stage}", "stage": stage, "warmup": options.warmup, "deadline": deadline,
                        "configs": configs})
     return result
@@ -159,7 +166,8 @@ def derive(rows: list[dict], options, ranks: int) -> None:
     for row in rows:
         if "tokens_per_s" not in row:
             continue
-        model = options.big_model if row["name"] == "lora 8b-shape" else options.model
+        big = row["name"].startswith(BIG_ROW)
+        model = options.big_model if big else options.model
         if model not in per_token:
             per_token[model] = flops_per_token(model, options.seq)
         row["peak_gb"] = max(row["peak_memory_gb_per_rank"])
@@ -170,8 +178,8 @@ def derive(rows: list[dict], options, ranks: int) -> None:
         if peer and "tokens_per_s" in peer:
             row["speed_vs_peft"] = row["tokens_per_s"] / peer["tokens_per_s"]
             row["memory_vs_peft"] = row["peak_gb"] / max(peer["peak_memory_gb_per_rank"])
-        lora = by.get((row["group"], "lora"))
-        if kind == "ours" and row["name"] not in ("lora", "lora 8b-shape") and lora and "s_per_step" in lora:
+        lora = by.get((row["group"], BIG_ROW if big else "lora"))  # the 8B loss-head row against the 8B logits row
+        if kind == "ours" and row["name"] not in ("lora", BIG_ROW) and lora and "s_per_step" in lora:
             row["time_vs_lora"] = row["s_per_step"] / lora["s_per_step"]
             row["memory_vs_lora"] = row["peak_gb"] / max(lora["peak_memory_gb_per_rank"])
 
