@@ -207,7 +207,7 @@ class BilevelEngine:
         grads = full_grads(self.params[Level.INNER] + self.params[Level.OUTER])
         return grads[:inner], grads[inner:]
 
-    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float = 0.0):
+    def perturb_inner(self, direction: list[torch.Tensor] | None, scale: float | torch.Tensor = 0.0):
         """Set the compute weights of the inner level to master + s * direction and return s: the
         requested ``scale``, widened under bf16/fp16 compute weights so that the move is not
         rounded away (hypergrad.problem.applied_scale; fp32 is unchanged). The fp32 masters are
@@ -226,7 +226,9 @@ class BilevelEngine:
             first = self.params[Level.INNER][0]
             compute_dtype = (first.ds_tensor if hasattr(first, "ds_id") else first).dtype
             scale = applied_scale(scale, direction, self._masters, compute_dtype)
-            values = [master + scale * d for master, d in zip(self._masters, direction, strict=True)]
+            # a device scalar where the masters are (offloaded: the host, as the direction already is)
+            step = scale.to(self._masters[0].device) if isinstance(scale, torch.Tensor) else scale
+            values = [master + step * d for master, d in zip(self._masters, direction, strict=True)]
         for param, value in zip(self.params[Level.INNER], values, strict=True):
             write_compute_weight(param, value)
         if direction is None:

@@ -12,7 +12,6 @@ the inner regularisers), L_val the outer objective (on D2, with the outer regula
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -27,7 +26,8 @@ class BilevelProblem(Protocol):
         """(grad_w, grad_lam) of ``objective`` at the current inner weights, full fp32 tensors,
         reduced over all ranks (every rank gets the same values)."""
 
-    def perturb_inner(self, direction: Tensors | None, scale: float = 0.0) -> float | torch.Tensor | None:
+    def perturb_inner(self, direction: Tensors | None,
+                      scale: float | torch.Tensor = 0.0) -> float | torch.Tensor | None:
         """Evaluate later gradients at w + s * direction (w: the unperturbed fp32 weights) and return
         s: ``scale``, or a larger one of the same sign where the compute weights are too coarse
         for it (``applied_scale``); None means ``scale``. ``None`` as direction restores w exactly."""
@@ -63,17 +63,19 @@ def perturbation_radius(eps: float | torch.Tensor, weights_norm: torch.Tensor, d
     return torch.clamp(RELATIVE_RADIUS.get(dtype, 0.0) * weights_norm, min=eps)
 
 
-def applied_scale(scale: float, direction: Tensors, weights: Tensors, dtype: torch.dtype) -> float | torch.Tensor:
-    """The scale s to apply for a requested ``scale`` along ``direction`` from ``weights`` when the
-    forward computes with ``dtype``: ``scale`` itself for fp32/fp64 (bit for bit today's step),
-    else widened so that the radius |s| ||direction|| is at least RELATIVE_RADIUS[dtype] ||w||.
-    A 0-dim device tensor: no host synchronisation. Every rank holds the same full tensors, so
-    every rank gets the same s."""
-    if dtype not in RELATIVE_RADIUS or scale == 0:
+def applied_scale(scale: float | torch.Tensor, direction: Tensors, weights: Tensors,
+                  dtype: torch.dtype) -> float | torch.Tensor:
+    """The scale s to apply for a requested ``scale`` (a number or a 0-dim tensor) along
+    ``direction`` from ``weights`` when the forward computes with ``dtype``: ``scale`` itself for
+    fp32/fp64 (bit for bit today's step), else widened so that the radius |s| ||direction|| is at
+    least RELATIVE_RADIUS[dtype] ||w|| (a zero scale stays zero). A 0-dim device tensor: no host
+    synchronisation. Every rank holds the same full tensors, so every rank gets the same s."""
+    if dtype not in RELATIVE_RADIUS:
         return scale
     direction_norm = norm(direction).clamp_min(1e-30)
-    radius = perturbation_radius(abs(scale) * direction_norm, norm(weights), dtype)
-    return math.copysign(1.0, scale) * radius / direction_norm
+    scale = torch.as_tensor(scale, dtype=direction_norm.dtype, device=direction_norm.device)
+    radius = perturbation_radius(scale.abs() * direction_norm, norm(weights), dtype)
+    return torch.sign(scale) * radius / direction_norm
 
 
 def _accelerator_rng():
@@ -126,7 +128,9 @@ def second_order_products(problem: BilevelProblem, u: Tensors, eps: float,
     all its products; by default the two passes of this product share theirs).
     """
     randomness = randomness or SharedRandomness()
-    step = eps / max(norm(u).item(), 1e-30)  # u = 0: both passes agree and the products are 0
+    # On the device (the double the host would compute): reading ||u|| here would make the host
+    # wait for the pass that produced u before it could queue the perturbed ones.
+    step = eps / norm(u).clamp_min(1e-30)  # u = 0: both passes agree and the products are 0
     plus = problem.perturb_inner(u, +step)
     randomness.replay()
     grad_w_plus, grad_lam_plus = problem.gradients(Objective.INNER)

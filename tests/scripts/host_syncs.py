@@ -52,20 +52,28 @@ def main(out: Path, world_size: int) -> None:
     from ds_bilevel.recipe import TrainingRecipe
 
     results = {}
-    for method, kind in (("lora", "inner"), ("bilora_sam", "sharpness")):
-        run = config_from_flat({**SETTINGS, "adapter.method": method, "output_dir": str(out / method)})
+    # name -> (settings, the kinds of one cycle): a bi-level cycle is an inner and an outer step
+    cases = {"lora": ({"adapter.method": "lora"}, ("inner",)),
+             "bilora_sam": ({"adapter.method": "bilora_sam"}, ("sharpness",)),
+             "bidora darts": ({"adapter.method": "bidora", "bilevel.hypergrad": "darts"}, ("inner", "outer")),
+             "bidora neumann": ({"adapter.method": "bidora", "bilevel.hypergrad": "neumann",
+                                 "bilevel.neumann_terms": 2}, ("inner", "outer"))}
+    for name, (settings, kinds) in cases.items():
+        run = config_from_flat({**SETTINGS, **settings, "output_dir": str(out / name.replace(" ", "_"))})
         ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": True},
               "zero_optimization": {"stage": 2}}
         recipe = TrainingRecipe(run, fill_ds_config(ds, run, world_size))
         recipe.setup()
         # Batches are made first: the data order is host work on host tensors, not a device read.
-        batches = [recipe.sources[kind].batch(index) for index in range(1 + STEPS)]
-        recipe.engine.step(kind, batches[0])  # warm-up: first-step allocations
+        cycles = [[(kind, recipe.sources[kind].batch(index)) for kind in kinds] for index in range(1 + STEPS)]
+        for kind, batch in cycles[0]:  # warm-up: first-step allocations
+            recipe.engine.step(kind, batch)
         with SyncCounter() as counter:
-            for batch in batches[1:]:
-                recipe.engine.step(kind, batch)
-        results[method] = {"steps": STEPS, "syncs": sorted(counter.calls.items())}
+            for cycle in cycles[1:]:
+                for kind, batch in cycle:
+                    recipe.engine.step(kind, batch)
+        results[name] = {"steps": STEPS * len(kinds), "syncs": sorted(counter.calls.items())}
         recipe.cleanup()
     (out / "syncs.json").write_text(json.dumps(results))
 
