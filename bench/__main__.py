@@ -17,6 +17,8 @@ BENCHMARKS = {
     "gpu_kernels": ("bench.gpu_kernels:main", "Liger, torch.compile, chunked/fused loss vs the plain model (CUDA)"),
     "memory_estimate": ("bench.memory_estimate:main", "per-GPU memory estimate at LLaMA scale from shapes"),
     "generalisation": ("bench.generalisation:main", "the generalisation study (bi-level vs one-level)"),
+    "adapter_layer": ("bench.adapter_layer:main",
+                      "one adapted layer's forward+backward: the plain autograd form vs the fused node"),
     "perturbation_bf16": ("bench.perturbation_bf16:main",
                           "J.v error of the central differences with bf16 compute weights, per step rule"),
 }

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_bilevel.adapters.base import AdapterLayer, kaiming_uniform_
+from ds_bilevel.adapters.fused import adapted_linear, fusable
 from ds_bilevel.levels import Level, TrainingMode
 
 if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
@@ -73,6 +74,11 @@ class BiLoraLayer(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         # s * P diag(lambda) Q x without forming the (out, in) product: (..., in) -> (..., r) -> (..., out).
+        if fusable(self.base_layer):
+            # One autograd node (adapters/fused.py), diag(lambda) and s folded into the small
+            # factor P (out, r); its backward is differentiable again (the tests' double backward).
+            b = self.lora_P * (self.lambdas() * self.scaling)
+            return adapted_linear(x, self.dropout(x), self.base_layer, self.fan_in_fan_out, self.lora_Q, b)
         h = F.linear(self.dropout(x), self.lora_Q) * self.lambdas()
         return self.base_layer(x) + F.linear(h, self.lora_P) * self.scaling
 

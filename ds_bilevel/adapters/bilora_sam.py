@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_bilevel.adapters.base import kaiming_uniform_
+from ds_bilevel.adapters.fused import ReverseGrad, adapted_linear, fusable
 from ds_bilevel.adapters.lora import LoraLayer
 from ds_bilevel.levels import Level, TrainingMode
 from ds_bilevel.zero_access import gathered, scale_compute_weight_
@@ -94,9 +95,22 @@ class BiLoraSamLayer(LoraLayer):
         return F.linear(F.linear(x, self.aux_A), self.aux_B) * self.scaling
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.auxiliary_enabled:
+            return super().adapted_forward(x)  # LoRA's W0 + s B1 A1 (inference, the export)
         x_drop = self.dropout(x)  # one mask for both modules: they perturb the same weight
+        if fusable(self.base_layer):
+            # Both modules as one rank-(r + r2) product s [B1 B2] [A1; A2] x in one node
+            # (adapters/fused.py): x and the output gradient are read once, 2 matmuls forward and
+            # 3 backward for the two modules; the auxiliary factors pass through a gradient
+            # reversal first when they ascend in backward (as _AscendingLowRank does alone).
+            aux_a, aux_b = self.aux_A, self.aux_B
+            if self.ascend_in_backward and torch.is_grad_enabled():
+                aux_a, aux_b = ReverseGrad.apply(aux_a), ReverseGrad.apply(aux_b)
+            a = torch.cat([self.lora_A, aux_a])  # (r + r2, in)
+            b = torch.cat([self.lora_B, aux_b], dim=1) * self.scaling  # (out, r + r2)
+            return adapted_linear(x, x_drop, self.base_layer, self.fan_in_fan_out, a, b)
         out = self.base_layer(x) + self.low_rank(x_drop)
-        return out + self.auxiliary(x_drop) if self.auxiliary_enabled else out
+        return out + self.auxiliary(x_drop)
 
     # merged_weight is LoraLayer's W0 + s B1 A1: the auxiliary module is dropped at inference.
 

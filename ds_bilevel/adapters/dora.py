@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_bilevel.adapters.fused import adapted_linear, fusable
 from ds_bilevel.adapters.lora import LoraLayer
 from ds_bilevel.adapters.lora import peft_form as lora_peft_form
 from ds_bilevel.levels import Level
@@ -48,14 +49,31 @@ class DoraLayer(LoraLayer):
 
     def direction_row_norm(self) -> torch.Tensor:
         """||W0 + s B A||_row, (out,); detached when ``detach_norm``."""
-        weight = self.base_weight() + self.delta_weight().to(self.base_layer.weight.dtype)
+        w0 = self.base_weight()
+        if self.lora_A.dtype == w0.dtype:
+            # W0 + s B A in one matmul that accumulates into W0 (instead of B A, its product by s
+            # and the sum with W0: three passes over an (out, in) matrix); the same to rounding.
+            weight = torch.addmm(w0, self.lora_B, self.lora_A, alpha=self.scaling)
+        else:
+            weight = w0 + self.delta_weight().to(w0.dtype)
         norm = weight.norm(p=2, dim=1)
         return norm.detach() if self.detach_norm else norm
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.magnitude / self.direction_row_norm()  # (out,)
+        if self.detach_norm:
+            with torch.no_grad():  # no graph to build for a norm that backward treats as a constant
+                norm = self.direction_row_norm()
+        else:
+            norm = self.direction_row_norm()
+        scale = self.magnitude / norm  # (out,)
         w0, bias = self.base_weight(), self.base_layer.bias
         if isinstance(self.dropout, nn.Identity):
+            if fusable(self.base_layer):
+                # scale * (W0 x + s B A x) + bias in one autograd node (adapters/fused.py): s folded
+                # into B, the low-rank term accumulated into the base output, scale and bias in one
+                # pass; backward accumulates x's gradient from both paths in one output.
+                return adapted_linear(x, None, self.base_layer, self.fan_in_fan_out, self.lora_A,
+                                      self.scaled_B(), scale)
             out = scale * (F.linear(x, w0) + self.low_rank(x))
             return out if bias is None else out + bias
         # With adapter dropout, PEFT's form: the frozen path sees the clean input and

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_bilevel.adapters.base import AdapterLayer, kaiming_uniform_
+from ds_bilevel.adapters.fused import adapted_linear, fusable
 from ds_bilevel.levels import Level
 
 if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
@@ -37,7 +38,17 @@ class LoraLayer(AdapterLayer):
         """s B A x for (already dropped-out) activations (..., in) -> (..., out), never forming B A."""
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
+    def scaled_B(self) -> torch.Tensor:
+        """s B (out, r), the factor the fused forward multiplies by (no op when s = 1)."""
+        return self.lora_B if self.scaling == 1 else self.lora_B * self.scaling
+
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # W0 x + bias + s B A dropout(x) in one autograd node (adapters/fused.py): s folded into B,
+        # the low-rank term accumulated into the base output; the same values as the plain form
+        # below up to float rounding.
+        if fusable(self.base_layer):
+            return adapted_linear(x, self.dropout(x), self.base_layer, self.fan_in_fan_out, self.lora_A,
+                                  self.scaled_B())
         return self.base_layer(x) + self.low_rank(self.dropout(x))
 
     def delta_weight(self) -> torch.Tensor:
