@@ -26,6 +26,17 @@ WARMUP = 10
 """Steps excluded from timing at the start of every timed run (also the log interval)."""
 
 
+def train_entry():
+    """launch/train.py as a module (it is a script, not part of a package), for the workers that
+    run many fine-tunes in one process through its own validation and main."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def on_gpu() -> bool:
     import torch
 

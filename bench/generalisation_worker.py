@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
+from bench.common import train_entry  # noqa: E402
 from ds_bilevel.recipe import TrainingRecipe  # noqa: E402
 
 
@@ -65,11 +66,11 @@ def accuracy(metrics: dict) -> float:
 
 def run_job(job: dict) -> dict:
     """One fine-tune: its validation/test curve and timing."""
-    train_entry = _train_entry()
+    entry = train_entry()
     started = time.perf_counter()
     # The recipe's progress bars and lines are for a terminal: a study prints one line per run.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        run, ds_config = train_entry.validated_settings(job["argv"])
+        run, ds_config = entry.validated_settings(job["argv"])
         recipe = StudyRecipe(run, ds_config, job["test_file"])
         recipe.setup()
         trained = recipe.train()
@@ -79,19 +80,9 @@ def run_job(job: dict) -> dict:
             "train_loss_last": trained["train_loss_last"], "nonfinite_steps": trained["nonfinite_steps"]}
 
 
-def _train_entry():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_entry", Path(__file__).resolve().parents[1] /
-                                                  "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: list[str]) -> int:
-    train_entry = _train_entry()
-    train_entry.prepare_process()  # the accelerator and the known noise, before deepspeed is imported
+    entry = train_entry()
+    entry.prepare_process()  # the accelerator and the known noise, before deepspeed is imported
     plan = json.loads(Path(argv[0]).read_text())
     for job in plan["jobs"]:
         result = Path(job["result"])

@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the launcher
 WORKER_START = time.time()
 
+from bench.common import train_entry  # noqa: E402
+
 
 def last_json(text: str) -> dict:
     for line in reversed(text.splitlines()):
@@ -86,14 +88,8 @@ def run_config(config: dict, warmup: int) -> dict:
             peft_worker.main([*config["argv"], "--peft_method", config["method"], "--warmup", str(warmup)])
         result = last_json(captured.getvalue()) if os.environ.get("RANK", "0") == "0" else {}
     else:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("train_entry", Path(__file__).resolve().parents[1] /
-                                                      "launch" / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
         with contextlib.redirect_stdout(captured):
-            code = module.main(config["argv"])
+            code = train_entry().main(config["argv"])
         if code != 0:
             raise RuntimeError(f"launch/train.py returned {code}")
         result = {}
