@@ -78,13 +78,13 @@ def encoder_labels(name: str, trust_remote_code: bool, data, *record_sets) -> li
 def encoder_skeleton(name: str, trust_remote_code: bool = False):
     """An encoder's model with its head on the meta device (shapes only, no weights), or None when
     ``name`` is not an encoder (or not a model at all: the causal-LM checks report that)."""
-    from accelerate import init_empty_weights
-
     try:
         if not is_encoder_model(name, trust_remote_code):
             return None
     except ValueError:
         return None
+    from accelerate import init_empty_weights
+
     if is_builtin(name):
         from transformers import RobertaForSequenceClassification
 

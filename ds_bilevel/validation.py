@@ -1,21 +1,26 @@
-"""Checks before launch: the settings together, the DeepSpeed config, the model and the data.
+"""Checks before launch: the settings together, the DeepSpeed config, the data and the launch
+environment; the model's own checks are in model_checks.py, which ``check_run`` calls.
 
 ``launch/train.py`` calls these on every rank before any process group starts; each raises
 ``ValueError("<setting>: <bad value> ...; allowed: ...")`` on the first problem and writes
 nothing (datasets caches under ~/.cache, never under ``output_dir``). Per-field checks stay
 with their settings (``RunConfig.validate`` and the sections' ``validate``); this module holds
-what needs several settings, the DeepSpeed config, the model's shapes or the data:
+what needs several settings, the DeepSpeed config or the data:
 
 - the DeepSpeed config: JSON objects where DeepSpeed wants them, its batch and clipping values
   taken where no flag or YAML set them and refused where one set another value, no "auto" left that
   ds_bilevel does not fill, offload only at the ZeRO stages DeepSpeed supports it at;
 - the schedule: a bi-level run reaches an outer step, options only read by another method
   or format are not given;
-- the model, built on the meta device with accelerate's ``init_empty_weights`` (no weight is
-  read or allocated, so a 70B folder costs a config read): every target module exists and
-  every rank fits every targeted layer (``adapters.inject.target_layer_names``);
 - the data, read with ``data.py``'s loaders: the file loads, the fields exist, the training,
-  evaluation, D1 and D2 sets are non-empty and each holds at least one global batch.
+  evaluation, D1 and D2 sets are non-empty and each holds at least one global batch;
+- the model (model_checks.py): every target module exists and every rank fits every targeted
+  layer, a folder's weights are whole, the tokenizer has what the data code needs;
+- the launch: NVMe offload's async I/O, the master port, stale op-build locks.
+
+Cheapest first (issue 13): a refusal that needs neither the data file nor transformers comes
+before anything imports them (for a builtin model and data, transformers is imported only by the
+tokenizer check, the last of the model's).
 """
 
 from __future__ import annotations
@@ -113,180 +118,6 @@ def check_schedule(run: RunConfig) -> None:
     if run.data.label_names and run.data.format != "classification":
         raise ValueError(f"data.label_names: {run.data.label_names} with data.format {run.data.format!r}; "
                          f"allowed: only with data.format classification")
-
-
-def model_skeleton(run: RunConfig):
-    """The model with every tensor on the meta device: its modules and shapes, no weights."""
-    from accelerate import init_empty_weights
-
-    from ds_bilevel.builtin.model import builtin_llama_config
-
-    name = run.model_name_or_path
-    if is_builtin(name):
-        from transformers import LlamaForCausalLM
-
-        from ds_bilevel.models import load_tokenizer
-
-        config = builtin_llama_config(name, len(load_tokenizer(name)))
-        with init_empty_weights():
-            return LlamaForCausalLM._from_config(config)
-    if not (Path(name) / "config.json").is_file():
-        raise ValueError(f"model_name_or_path: {name!r} is neither a builtin nor a folder with config.json")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=run.trust_remote_code)
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
-    except (ValueError, KeyError, OSError, ImportError) as error:
-        detail = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"model_name_or_path: {name!r} cannot be built as a causal LM ({type(error).__name__}: "
-                         f"{detail}); allowed: a transformers causal-LM folder (trust_remote_code true for "
-                         f"custom code)") from None
-
-
-def check_model(run: RunConfig) -> bool:
-    """Targets and ranks against the model's layers (an encoder's: its head excluded, heads.py); a
-    folder's weights whole and naming exactly the skeleton's tensors, with its shapes. Returns
-    whether the model is an encoder (heads.is_encoder), decided here once for the checks after it."""
-    from ds_bilevel.adapters.inject import target_layer_names
-    from ds_bilevel.heads import head_names
-    from ds_bilevel.models import encoder_skeleton
-
-    if not is_builtin(run.model_name_or_path):
-        check_config_json(Path(run.model_name_or_path))
-    encoder = encoder_skeleton(run.model_name_or_path, run.trust_remote_code)  # heads.py: with its head
-    if encoder is None:
-        skeleton = model_skeleton(run)
-        target_layer_names(skeleton, run.adapter)
-    elif run.data.format != "classification":
-        raise ValueError(f"data.format: {run.data.format!r} needs a causal LM, but {run.model_name_or_path} is an "
-                         f"encoder (heads.py); allowed with it: classification")
-    else:
-        skeleton = encoder
-        target_layer_names(encoder, run.adapter, exclude=head_names(encoder))
-    if not is_builtin(run.model_name_or_path):
-        check_model_weights(Path(run.model_name_or_path), skeleton, base_only=encoder is not None)
-    return encoder is not None
-
-
-def check_config_json(folder: Path) -> None:
-    """config.json is a JSON object (transformers' own error for a damaged one is a traceback)."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ValueError(f"model_name_or_path: {str(folder)!r} is neither a builtin nor a folder with config.json")
-    try:
-        values = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"model_name_or_path: {path} is not valid JSON ({error}); allowed: the config.json "
-                         f"save_pretrained writes") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"model_name_or_path: {path} holds a JSON {type(values).__name__}; allowed: an object")
-
-
-def check_tokenizer(run: RunConfig, encoder: bool | None = None) -> None:
-    """What the data code needs of the tokenizer (an EOS for a causal LM, a pad id): found here, not
-    as a crash in tokenisation after launch (models.check_tokenizer). ``encoder``: check_model's
-    answer (None: decided again)."""
-    from ds_bilevel.models import check_tokenizer as check
-
-    try:
-        check(run.model_name_or_path, run.trust_remote_code, encoder)
-    except Exception as error:  # transformers' own errors for missing or unreadable tokenizer files
-        detail = " ".join(str(error).split())
-        if isinstance(error, ValueError) and detail.startswith("model_name_or_path:"):
-            raise
-        raise ValueError(f"model_name_or_path: {run.model_name_or_path} has no tokenizer transformers can load "
-                         f"({type(error).__name__}: {detail[:200]}); allowed: a folder with its tokenizer files "
-                         f"(tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
-
-
-def check_model_weights(folder: Path, skeleton=None, base_only: bool = False) -> None:
-    """Weights as safetensors, whole (a truncated download fails here in one line, not in torch),
-    every shard of the index present, and, against the meta-device ``skeleton``: no tensor
-    missing (transformers would fill it with random values), none unexpected, every shape the
-    model's. ``base_only`` (an encoder): the classification head is not compared (heads.py)."""
-    from ds_bilevel.integrity import check_safetensors, check_weights_folder
-
-    files = check_weights_folder(folder, "model_name_or_path")
-    if not files:
-        raise ValueError(f"model_name_or_path: {folder} holds no *.safetensors weights; allowed: a folder written "
-                         f"by save_pretrained (safetensors)")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
-            raise ValueError(f"model_name_or_path: {index} is not a valid index ({type(error).__name__}: {error}); "
-                             f"allowed: the index save_pretrained writes") from None
-        missing = sorted(str(name) for name in shards if not (folder / str(name)).is_file())
-        if missing:
-            raise ValueError(f"model_name_or_path: {folder / missing[0]} is missing ({len(missing)} of the "
-                             f"{len(shards)} shards {index.name} lists); copy or download it again")
-        files = [folder / str(name) for name in sorted(shards)]  # what transformers reads
-    if skeleton is None:
-        return
-    header = {}
-    for path in files:
-        header.update((name, (entry["shape"], path.name)) for name, entry in check_safetensors(
-            path, "model_name_or_path").items())
-    compare_with_skeleton(folder, header, skeleton, base_only)
-
-
-# Tensors of older checkpoints that today's models compute instead (rotary frequencies, GPT-2's
-# causal mask): in a file, but never loaded.
-IGNORED_FILE_TENSORS = (".inv_freq", ".attn.bias", ".attn.masked_bias", ".position_ids")
-
-
-def compare_with_skeleton(folder: Path, header: dict, skeleton, base_only: bool) -> None:
-    """The file's tensor names and shapes against the skeleton's state dict (tied weights: one
-    of a group suffices; a base-model checkpoint's names without the prefix are the model's)."""
-    import re
-
-    prefix = getattr(skeleton, "base_model_prefix", "") or ""
-    if _has_conversion_mapping(skeleton):
-        return  # transformers renames this family's checkpoint tensors on load (MoE experts): not comparable
-    expected = {name: list(tensor.shape) for name, tensor in skeleton.state_dict().items()}
-    groups: dict[int, list[str]] = {}
-    for name, param in skeleton.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    tied = {name: names for names in groups.values() if len(names) > 1 for name in names}
-    given = {}
-    for name, (shape, file) in header.items():
-        if prefix and name not in expected and f"{prefix}.{name}" in expected:
-            name = f"{prefix}.{name}"
-        given[name] = (shape, file)
-    if base_only and prefix:
-        expected = {k: v for k, v in expected.items() if k.startswith(prefix + ".")}
-        given = {k: v for k, v in given.items() if k.startswith(prefix + ".")}
-    ignore_missing = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_missing", None) or []]
-    ignore_unexpected = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or []]
-    missing = sorted(name for name in expected if name not in given
-                     and not any(other in given for other in tied.get(name, ()))
-                     and not any(p.search(name) for p in ignore_missing))
-    unexpected = sorted(name for name in given if name not in expected and not name.endswith(IGNORED_FILE_TENSORS)
-                        and not any(p.search(name) for p in ignore_unexpected))
-    if missing:
-        raise ValueError(f"model_name_or_path: {folder} lacks {len(missing)} of the model's weight tensors "
-                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which transformers "
-                         f"would fill with random values; copy or download the folder again")
-    if unexpected:
-        raise ValueError(f"model_name_or_path: {folder} holds {len(unexpected)} tensor(s) the model has no place "
-                         f"for ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''} in "
-                         f"{given[unexpected[0]][1]}): its config.json and weights are of different models")
-    for name, (shape, file) in sorted(given.items()):
-        if name in expected and shape != expected[name]:
-            raise ValueError(f"model_name_or_path: {folder / file} holds {name} with shape {shape}, but config.json "
-                             f"makes it {expected[name]}; its config.json and weights are of different models")
-
-
-def _has_conversion_mapping(skeleton) -> bool:
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:  # transformers 4.x: no renaming on load
-        return bool(getattr(skeleton, "_checkpoint_conversion_mapping", None))
-    return bool(get_checkpoint_conversion_mapping(skeleton.config.model_type)
-                or getattr(skeleton, "_checkpoint_conversion_mapping", None))
 
 
 @contextlib.contextmanager
@@ -392,16 +223,19 @@ def check_values(run: RunConfig) -> None:
 
 
 def check_run(run: RunConfig, world_size: int) -> None:
-    """Everything but the DeepSpeed config, cheapest first."""
+    """Everything but the DeepSpeed config, cheapest first: the data before the model (a builtin
+    set's sizes cost nothing, a file's read less than transformers' import, which the model's checks
+    need but for a builtin LLaMA's targets and ranks), the tokenizer last."""
     from ds_bilevel.bilevel_config import detach_norm_warning
+    from ds_bilevel.model_checks import check_model, check_tokenizer
 
     warn_once(detach_norm_warning(run.adapter.method, run.adapter.detach_norm, run.bilevel.hypergrad))
     check_values(run)
     check_schedule(run)
     check_kernels(run)
+    check_data(run, world_size)
     encoder = check_model(run)
     check_tokenizer(run, encoder)
-    check_data(run, world_size)
 
 
 def settle_eval_size(run: RunConfig) -> RunConfig:

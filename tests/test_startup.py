@@ -1,5 +1,6 @@
 """Start-up (issue 13 item 2): the builtin weights are the seeded values whatever the build path,
-and a run records where its launch spent its time, also when started without a launcher."""
+a run records where its launch spent its time, also when started without a launcher, and
+validation's builtin skeleton is transformers' own layout."""
 
 from __future__ import annotations
 
@@ -55,6 +56,26 @@ def test_a_run_without_launcher_records_its_phases(tmp_path):
     assert abs(sum(phases[name] for name in PHASES[1:]) - phases["start_to_first_step"]) < 0.02
     assert started < phases["first_step_done_unix_s"] < ended
     assert {"training_after_first_step", "eval_after", "save"} <= set(phases)
+
+
+def test_the_builtin_skeleton_is_transformers_own_layout():
+    """Validation checks a builtin LLaMA's targets and ranks on a module tree built without
+    transformers' modelling code (model_checks.builtin_llama_skeleton): for every builtin LLaMA it is
+    transformers' own meta-device model in everything those checks read (module names and class
+    names, linear shapes, parameters, the output head), its vocabulary the tokenizer's."""
+    from ds_bilevel.adapters.base import layer_features
+    from ds_bilevel.adapters.inject import output_layer_names
+    from ds_bilevel.builtin.model import BUILTIN_MODELS
+    from ds_bilevel.config import RunConfig
+    from ds_bilevel.model_checks import builtin_llama_skeleton, model_skeleton
+
+    def layout(model):
+        return ([(name, type(module).__name__, layer_features(module),
+                  [(key, tuple(p.shape), p.device.type) for key, p in module.named_parameters(recurse=False)])
+                 for name, module in model.named_modules()], output_layer_names(model))
+
+    for name in (f"builtin:{key}" for key in BUILTIN_MODELS):
+        assert layout(builtin_llama_skeleton(name)) == layout(model_skeleton(RunConfig(model_name_or_path=name))), name
 
 
 def test_known_noise_is_dropped_by_its_exact_message(capsys):

@@ -75,13 +75,18 @@ def test_every_zero_stage_reaches_the_same_adapters(tmp_path):
 
 
 def test_bad_setting_exits_2_before_any_distributed_work(tmp_path):
+    """A setting refused by its own check (RunConfig.validate) imports neither DeepSpeed nor
+    transformers nor datasets (-X importtime lists every module the process imports)."""
     out = tmp_path / "untouched"
-    result = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--method", "qlora",
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "launch" / "train.py"), "--method", "qlora",
                              "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("import time:")]
     assert lines[-1].startswith("error: adapter.method: 'qlora' is not one of")
     assert not out.exists()
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+               if line.startswith("import time:")}
+    assert not {"deepspeed", "transformers", "datasets", "accelerate"} & modules
 
 
 def test_local_jsonl_instructions_and_csv_classification(tmp_path):

@@ -134,6 +134,35 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(train_main, tmp_path, c
     assert not out.exists()
 
 
+# What the checks of a builtin model and data never need (issue 13: a refusal in a few seconds).
+HEAVY = ("deepspeed", "datasets", "accelerate", "transformers.modeling_utils", "torch._dynamo", "torch._inductor")
+
+
+@pytest.mark.parametrize(("argv", "setting"), [
+    (["--adapter.target_modules", "q_proj,c_attn"], "adapter.target_modules"),  # model_checks, builtin skeleton
+    (["--method", "bilora_sam", "--adapter.aux_rank", "300"], "adapter.aux_rank"),
+    (["--micro_batch_size", "4096"], "micro_batch_size"),  # check_data, before the model's checks
+], ids=["target", "rank", "batch"])
+def test_a_refusal_imports_neither_deepspeed_nor_the_model_code(tmp_path, argv, setting):
+    """A bad adapter or batch setting with the builtin model and data is refused before DeepSpeed,
+    datasets, accelerate, transformers' modelling code or torch's compilers are imported (-X
+    importtime lists every module the process imports)."""
+    import subprocess
+    import sys
+
+    from launch_helpers import cpu_env
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-X", "importtime", "launch/train.py", *argv, "--output_dir", str(out)],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and lines[-1].startswith(f"error: {setting}: "), result.stderr[-2000:]
+    modules = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert {"torch", "ds_bilevel.validation"} <= modules  # the listing is complete
+    assert not sorted(m for m in modules if m.startswith(HEAVY)), "imported before the refusal"
+    assert not out.exists()
+
+
 def folder_digest(folder) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
