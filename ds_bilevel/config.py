@@ -102,6 +102,10 @@ class RunConfig:
     """Evaluate every N inner steps, besides before and after training (0: only those two)."""
     eval_batch_size: int = 32
     """Examples per rank per evaluation forward."""
+    eval_before_training: bool = True
+    """Evaluate before the first step: the summary's "before" numbers, step 0 of metrics.jsonl, and a
+    stop before training when the loss is not finite (NaN weights). false: the first step comes one
+    pass over the evaluation set sooner, and those numbers are null."""
     log_steps: int = 10
     """Write a metrics line every N steps."""
     overwrite_output_dir: bool = False

@@ -237,38 +237,48 @@ def class_id(label, labels: list[str]) -> int:
 
 
 def tokenize(records, tokenizer, config: DataConfig, labels: list[str] | None = None):
-    """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets.
+    """Map prompt/response to input_ids and labels (-100 on the prompt). Cached by datasets (a
+    file's records: a later launch reads the tokenised set back).
 
     With ``labels`` (an encoder's class names): input_ids of the text with the tokenizer's own
     special tokens (BERT: [CLS] text [SEP]; RoBERTa: <s> text </s>), EOS appended only when the
     tokenizer closes the text with none (the builtin's: BOS text EOS), cut to ``max_length``; and
-    ``labels`` = the example's class id, an int. An encoder needs no EOS: BERT's tokenizer has none."""
+    ``labels`` = the example's class id, an int. An encoder needs no EOS: BERT's tokenizer has none.
+
+    The tokenizer encodes a batch of texts per call (the ids are those of one text per call; 4x
+    faster on the builtin task, issue 13); a chat template is applied per example."""
     eos = tokenizer.eos_token_id
     if labels is not None:
         closing = set(tokenizer.all_special_ids)
 
-        def encode_class(example):
-            ids = tokenizer(example["prompt"]).input_ids
-            if eos is not None and not (ids and ids[-1] in closing):
-                ids = ids + [eos]
-            return {"input_ids": ids[: config.max_length], "labels": class_id(example["label"], labels)}
+        def encode_classes(batch):
+            out = {"input_ids": [], "labels": [class_id(label, labels) for label in batch["label"]]}
+            for ids in tokenizer(batch["prompt"]).input_ids:
+                if eos is not None and not (ids and ids[-1] in closing):
+                    ids = ids + [eos]
+                out["input_ids"].append(ids[: config.max_length])
+            return out
 
-        return records.map(encode_class, remove_columns=records.column_names, desc="tokenize")
+        return records.map(encode_classes, batched=True, remove_columns=records.column_names, desc="tokenize")
     use_template = config.format == "instruction" and config.chat_template and bool(tokenizer.chat_template)
 
-    def encode(example):
+    def encode(batch):
         if use_template:
-            prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": example["prompt"]}],
-                                                        add_generation_prompt=True, tokenize=True, return_dict=False))
+            prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                          add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)) for text in batch["prompt"]]
         else:
-            prompt = tokenizer(example["prompt"] + "\n").input_ids
-        response = tokenizer(example["response"], add_special_tokens=False).input_ids + [eos]
-        prompt = prompt[-max(config.max_length - len(response), 1):]
-        input_ids = (prompt + response)[: config.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[: config.max_length]
-        return {"input_ids": input_ids, "labels": labels}
+            prompts = tokenizer([text + "\n" for text in batch["prompt"]]).input_ids
+        out = {"input_ids": [], "labels": []}
+        for prompt, response in zip(prompts, tokenizer(batch["response"], add_special_tokens=False).input_ids,
+                                    strict=True):
+            response = response + [eos]
+            prompt = prompt[-max(config.max_length - len(response), 1):]
+            out["input_ids"].append((prompt + response)[: config.max_length])
+            out["labels"].append(([IGNORE_INDEX] * len(prompt) + response)[: config.max_length])
+        return out
 
-    return records.map(encode, remove_columns=records.column_names, desc="tokenize")
+    return records.map(encode, batched=True, remove_columns=records.column_names, desc="tokenize")
 
 
 def labelled_count(labels: int | list[int]) -> int:

@@ -19,7 +19,7 @@ import torch
 from ds_bilevel import checkpoint
 from ds_bilevel.adapters.inject import layer_kinds
 from ds_bilevel.config import RunConfig, config_to_dict
-from ds_bilevel.distributed import Heartbeat, Preempted, init_distributed, stop_requested
+from ds_bilevel.distributed import Heartbeat, Preempted, defer_deepspeed_compile, init_distributed, stop_requested
 from ds_bilevel.ds_config import DeepSpeedSettings
 from ds_bilevel.engine import BilevelEngine
 from ds_bilevel.evaluation import evaluate
@@ -54,7 +54,7 @@ class Progress:
     inner_done: int = 0
     """Inner steps done, retraining included: the step number of logs and checkpoints."""
     before: dict | None = None
-    """The evaluation before training."""
+    """The evaluation before training (None: eval_before_training false)."""
     first_loss: Loss = None
     """The first inner step's loss."""
     outer_loss: Loss = None
@@ -100,6 +100,7 @@ class TrainingRecipe:
             kinds = ", ".join(f"{kind} x{n}" for kind, n in self.adapted_layers["kinds"].items())
             print(f"adapters: {run.adapter.method} on {len(data.adapted)} layers ({kinds})", flush=True)
         self.tokenizer, self.eval_set = data.tokenizer, data.eval_set
+        defer_deepspeed_compile()  # DeepSpeed's ZeRO optimizer would import torch's Inductor (1.4 s)
         self.engine = BilevelEngine(data.model, run, self.ds_settings)
         self.phases.mark("deepspeed_initialize")
         self.initial = level_values(self.engine.module)
@@ -141,7 +142,10 @@ class TrainingRecipe:
         schedule = list(events(self.engine.mode, run.max_steps, bilevel.unroll_steps, bilevel.outer_steps,
                                bilevel.retrain_steps))
         total = sum(kind != StepKind.OUTER for kind, _ in schedule)  # inner steps, retraining included
-        state = self._resume() if run.resume_from_checkpoint else Progress(before=self._evaluate(0))
+        if run.resume_from_checkpoint:
+            state = self._resume()
+        else:  # the evaluation before training, unless told to skip it (its phase is then 0 s)
+            state = Progress(before=self._evaluate(0) if run.eval_before_training else None)
         self.phases.mark("resume" if run.resume_from_checkpoint else "eval_before")
         if state.before is not None and not math.isfinite(state.before["eval_loss"]):
             # NaN/inf base weights make every loss non-finite: stop before the first step, not at the end
@@ -177,7 +181,7 @@ class TrainingRecipe:
         self.phases.mark("training_after_first_step")
         after = self._evaluate(total)
         self.phases.mark("eval_after")
-        before = state.before
+        before = state.before or dict.fromkeys(after)  # not evaluated: every *_before value null
         return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
                 # exact_match_before/after (token labels) or accuracy_before/after (a classifier)
                 **{f"{key.removeprefix('eval_')}_{when}": value for when, metrics in (("before", before),

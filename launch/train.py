@@ -133,10 +133,14 @@ def check_finite_summary(summary: dict) -> None:
 def print_summary(summary: dict) -> None:
     key = "accuracy" if "accuracy_before" in summary else "exact_match"  # a classifier's, or a causal LM's
     score = key.replace("_", " ")
+
+    def before(name: str, digits: int) -> str:  # null: eval_before_training false
+        return "n/a" if summary[name] is None else f"{summary[name]:.{digits}f}"
+
     print(
         "\n== ds_bilevel run summary ==\n"
-        f"eval loss      {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}\n"
-        f"{score:<15}{summary[key + '_before']:.3f} -> {summary[key + '_after']:.3f}\n"
+        f"eval loss      {before('eval_loss_before', 4)} -> {summary['eval_loss_after']:.4f}\n"
+        f"{score:<15}{before(key + '_before', 3)} -> {summary[key + '_after']:.3f}\n"
         f"train loss     {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}\n"
         f"throughput     {summary['tokens_per_s']:.0f} tokens/s over {summary['world_size']} ranks "
         f"({summary.get('steps_this_launch', summary['steps'])} steps in {summary['train_time_s']:.1f} s)\n"
