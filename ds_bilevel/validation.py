@@ -170,12 +170,21 @@ def check_data(run: RunConfig, world_size: int) -> None:
 
 def check_kernels(run: RunConfig) -> None:
     """use_liger_kernel and torch_compile only where they can run (kernels.unsupported: a CUDA
-    GPU, Liger installed, a family Liger is applied to)."""
+    GPU, Liger installed, a family Liger is applied to); the loss inside the output head
+    (linear_cross_entropy, and use_liger_kernel's fused loss) only on a causal LM whose forward
+    returns the head's output unchanged and whose head is no adapter target (loss_head.unsupported)."""
     from ds_bilevel.kernels import unsupported
 
     for setting in ("use_liger_kernel", "torch_compile"):
         if getattr(run, setting):
             reason = unsupported(setting, _model_type(run) if setting == "use_liger_kernel" else None)
+            if reason:
+                raise ValueError(f"{setting}: true, but {reason}; allowed: false")
+    for setting in ("linear_cross_entropy", "use_liger_kernel"):
+        if getattr(run, setting):
+            from ds_bilevel.loss_head import unsupported as loss_head_unsupported
+
+            reason = loss_head_unsupported(_model_type(run), run.adapter.target_modules)
             if reason:
                 raise ValueError(f"{setting}: true, but {reason}; allowed: false")
 

@@ -152,7 +152,7 @@ def test_loss_normalisation_is_world_size_invariant(tmp_path):
         model.zero_grad()
         for rank in range(world):
             shard = source(rank, world, global_batch // (world * accumulation)).batch(step)
-            fake = SimpleNamespace(ds_engine=model, world_size=world, accumulation=accumulation)
+            fake = SimpleNamespace(ds_engine=model, world_size=world, accumulation=accumulation, loss_head=None)
             for micro in shard.micro_batches:
                 loss, _ = BilevelEngine.forward_loss(fake, micro, shard.labelled_tokens)
                 (loss / (accumulation * world)).backward()  # DeepSpeed: / accumulation, mean over ranks

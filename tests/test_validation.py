@@ -11,6 +11,8 @@ import json
 import pytest
 from launch_helpers import REPO, launch
 
+from ds_bilevel.loss_head import SUPPORTED_MODEL_TYPES
+
 MICRO = ["--model_name_or_path", "builtin:micro-llama"]  # hidden 64, k/v projections 64 -> 32
 
 
@@ -374,6 +376,15 @@ KERNEL_REFUSALS = [
                        "--data.format", "classification"],
      "use_liger_kernel: true, but Liger Kernel is applied to the llama/mistral/qwen2 families only, not to "
      "model_type 'roberta'; allowed: false"),
+    # the loss inside the output head (loss_head.py): a causal LM only, its head not adapted
+    ("lce-encoder", ["--linear_cross_entropy", "true", "--model_name_or_path", "builtin:tiny-roberta",
+                     "--data.format", "classification"],
+     f"linear_cross_entropy: true, but the loss without logits is supported for model types "
+     f"{', '.join(SUPPORTED_MODEL_TYPES)}, whose forward returns the output head's result unchanged; not for "
+     f"'roberta'; allowed: false"),
+    ("lce-head-adapted", ["--linear_cross_entropy", "true", "--adapter.target_modules", "q_proj,lm_head"],
+     "linear_cross_entropy: true, but the output head is an adapter target (adapter.target_modules), so it "
+     "cannot compute the loss; allowed: false"),
 ]
 
 
