@@ -95,8 +95,8 @@ def batch_sources(run: RunConfig, mode: TrainingMode, data: Prepared, rank: int,
 
     everything = list(range(len(data.train_set)))
     if mode != TrainingMode.BILEVEL:
-        return {StepKind.INNER: source(data.train_set, everything, run.seed),
-                StepKind.SHARPNESS: source(data.train_set, everything, run.seed)}
+        whole = source(data.train_set, everything, run.seed)  # one order: nothing in a source changes
+        return {StepKind.INNER: whole, StepKind.SHARPNESS: whole}
     if data.d2_set is not None:
         from datasets import concatenate_datasets
 

@@ -78,7 +78,9 @@ class BatchSource:
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.accumulation = global_batch // (micro_batch * world_size)
         self.order = GlobalBatchOrder(len(indices), global_batch, seed)
-        labels, input_ids = dataset["labels"], dataset["input_ids"]
+        # Whole columns at once: datasets' lazy column reads a row per index (0.1 s per column for
+        # the builtin set's 2048 rows, against 0.02 s for the column as a list).
+        labels, input_ids = list(dataset["labels"]), list(dataset["input_ids"])
         self.labelled = [labelled_count(labels[i]) for i in indices]
         self.lengths = [len(input_ids[i]) for i in indices]
 
