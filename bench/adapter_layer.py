@@ -3,7 +3,7 @@
     python -m bench adapter_layer [--tokens 4096] [--in_features 2048] [--out_features 2048] [--rank 16]
                                   [--methods lora,dora,bilora_sam] [--repeats 7] [--dtype fp32]
 
-"plain" is the layers' formula as autograd ops, as the code computed it before
+"plain" is the layer's formula as autograd ops, as the code computed it before
 adapters/fused.py (LoRA: W0 x + bias + (B (A x)) s; DoRA: the same times m / ||W0 + s B A||_row
 from B A, its product by s and the sum with W0; Bi-LoRA: LoRA plus s B2 A2 x through its own
 gradient-reversing node); "fused" is the layer's forward now. Both run on the same layer and
@@ -13,7 +13,8 @@ output and gradients (x and every adapter parameter) are compared with the plain
 
 ``--count_ops`` also counts the aten operations of one forward and backward (each a kernel
 launch on a GPU) and those whose output is activation-sized (tokens x min(in, out) elements
-or more: a pass over the activations), which does not depend on the machine's load.
+or more: a pass over the activations) or weight-sized (in x out or more: DoRA's norm), which
+do not depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "slic
 
 def plain_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The method's forward as plain autograd ops, as the layers computed it before the fused node."""
-    from ds_bilevel.adapters import BiLoraSamLayer, DoraLayer
+    from ds_bilevel.adapters import BiLoraLayer, BiLoraSamLayer, DoraLayer
     from ds_bilevel.adapters.bilora_sam import _AscendingLowRank
 
-    s, a, b = layer.scaling, layer.lora_A, layer.lora_B
+    s = layer.scaling
+    if isinstance(layer, BiLoraLayer):
+        h = F.linear(layer.dropout(x), layer.lora_Q) * layer.lambdas()
+        return layer.base_layer(x) + F.linear(h, layer.lora_P) * s
+    a, b = layer.lora_A, layer.lora_B
     if isinstance(layer, DoraLayer):
         w0 = layer.base_weight()
         weight = w0 + ((b @ a) * s).to(w0.dtype)
@@ -57,11 +62,12 @@ def plain_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_layer(method: str, options, device, dtype) -> nn.Module:
-    from ds_bilevel.adapters import BiLoraSamLayer, DoraLayer, LoraLayer
+    from ds_bilevel.adapters import BiDoraLayer, BiLoraLayer, BiLoraSamLayer, DoraLayer, LoraLayer
 
     torch.manual_seed(0)
     base = nn.Linear(options.in_features, options.out_features, bias=options.bias, device=device, dtype=dtype)
-    cls = {"lora": LoraLayer, "dora": DoraLayer, "bilora_sam": BiLoraSamLayer}[method]
+    cls = {"lora": LoraLayer, "dora": DoraLayer, "bilora_sam": BiLoraSamLayer, "bilora": BiLoraLayer,
+           "bidora": BiDoraLayer}[method]
     kwargs = {"aux_rank": options.aux_rank} if method == "bilora_sam" else {}
     layer = cls(base, options.rank, 2.0 * options.rank, **kwargs)
     layer.ascend_in_backward = method == "bilora_sam"  # as the engine sets it (TrainingMode.SHARPNESS)
@@ -88,10 +94,10 @@ def check(layer, x, grad) -> float:
     return max(float((f - p).abs().max() / p.abs().max().clamp_min(1e-30)) for f, p in zip(fused, plain, strict=True))
 
 
-def count_ops(forward, layer, x, grad, big: int) -> dict[str, int]:
+def count_ops(forward, layer, x, grad, big: int, weight_sized: int) -> dict[str, int]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    counts = {"ops": 0, "activation_sized": 0}
+    counts = {"ops": 0, "activation_sized": 0, "weight_sized": 0}
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -100,8 +106,11 @@ def count_ops(forward, layer, x, grad, big: int) -> dict[str, int]:
             if name not in VIEW_OPS:
                 counts["ops"] += 1
                 outs = result if isinstance(result, (tuple, list)) else [result]
-                if any(isinstance(t, torch.Tensor) and t.numel() >= big for t in outs):
+                size = max((t.numel() for t in outs if isinstance(t, torch.Tensor)), default=0)
+                if size >= big:
                     counts["activation_sized"] += 1
+                elif size >= weight_sized:
+                    counts["weight_sized"] += 1
             return result
 
     with Counter():
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16, help="r (alpha = 2r, s = 2); Bi-LoRA's primary rank")
     parser.add_argument("--aux_rank", type=int, default=8, help="Bi-LoRA's auxiliary rank")
     parser.add_argument("--bias", action="store_true", help="a base layer with a bias")
-    parser.add_argument("--methods", default="lora,dora,bilora_sam")
+    parser.add_argument("--methods", default="lora,dora,bilora_sam",
+                        help="of lora, dora, bilora_sam, bilora, bidora (BiDoRA: its norm not detached)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds, plain and fused in turn")
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         row = {"method": method, "max_rel_err": check(layer, x, grad)}
         if options.count_ops:
             big = options.tokens * min(options.in_features, options.out_features)
-            row["ops"] = {name: count_ops(fn, layer, x, grad, big)
+            weight_sized = options.in_features * options.out_features
+            row["ops"] = {name: count_ops(fn, layer, x, grad, big, weight_sized)
                           for name, fn in (("plain", plain_forward), ("fused", fused_forward))}
         times = {"plain": [], "fused": []}
         timed(plain_forward, layer, x, grad, 1, device)  # warm-up
@@ -174,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         if options.count_ops:
             o = row["ops"]
             ops = (f" | ops {o['plain']['ops']} -> {o['fused']['ops']}, activation-sized "
-                   f"{o['plain']['activation_sized']} -> {o['fused']['activation_sized']}")
+                   f"{o['plain']['activation_sized']} -> {o['fused']['activation_sized']}, weight-sized "
+                   f"{o['plain']['weight_sized']} -> {o['fused']['weight_sized']}")
         print(f"{method:10s} plain {row['ms_plain']:8.2f} ms  fused {row['ms_fused']:8.2f} ms  "
               f"fused/plain {row['fused_over_plain']:.3f} ({min(ratios):.3f}-{max(ratios):.3f})  "
               f"max rel err {row['max_rel_err']:.1e}{ops}", flush=True)
