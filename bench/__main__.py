@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scale7b": ("bench.scale7b:main", "the LLaMA-2-7B-shaped BiDoRA darts step under ZeRO-3 on 2 CPU ranks"),
     "gpu": ("bench.gpu:main", "one GPU run: ours vs PEFT, every method, ZeRO-2/3, the 8B shape (--smoke: CPU)"),
     "gpu_kernels": ("bench.gpu_kernels:main", "Liger, torch.compile, chunked/fused loss vs the plain model (CUDA)"),
+    "loss_memory": ("bench.loss_memory:main", "logits loss vs linear_cross_entropy at a 128k vocabulary: memory"),
     "memory_estimate": ("bench.memory_estimate:main", "per-GPU memory estimate at LLaMA scale from shapes"),
     "generalisation": ("bench.generalisation:main", "the generalisation study (bi-level vs one-level)"),
     "adapter_layer": ("bench.adapter_layer:main",
