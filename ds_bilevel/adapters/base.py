@@ -11,6 +11,7 @@ weight (in, out): ``base_weight()`` gives it as (out, in) either way, as PEFT's
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,10 +25,11 @@ if TYPE_CHECKING:  # annotations only: adapters/config.py reads the method regis
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2, GPT, ...): a linear layer whose weight is stored (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
+    """transformers' Conv1D (GPT-2, GPT, ...): a linear layer whose weight is stored (in, out).
+    Nothing is a Conv1D before its module is imported, so the check does not import transformers
+    (about 1 s of a refused launch, issue 13 item 2)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 def layer_features(module: nn.Module) -> tuple[int, int] | None:
