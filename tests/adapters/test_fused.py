@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import randomize
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
@@ -41,18 +42,7 @@ def make_layer(method: str, base: str, dtype=torch.float32, dropout: float = 0.0
     kwargs = {"aux_rank": AUX_RANK} if method == "bilora_sam" else {}
     layer = LAYERS[method](make_base(base, dtype), RANK, 2.0 * RANK, dropout, **kwargs)
     layer.ascend_in_backward = ascend
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # a trained state: B != 0, m != ||W0||, lambda away from uniform
-        for name, p in layer.named_parameters():
-            if name.startswith("base_layer"):
-                continue
-            noise = torch.randn(p.shape, generator=gen).to(p.dtype)
-            if name == "magnitude":
-                p.mul_(1 + 0.1 * noise)
-            elif name == "lambda_raw":
-                p.copy_(noise)
-            else:
-                p.copy_(0.3 * noise)
+    randomize(layer, seed + 1, std=0.3)  # a trained state: B != 0, m != ||W0||, lambda away from uniform
     return layer
 
 
