@@ -96,10 +96,12 @@ def write_adapters(path: Path, values: dict[Level, dict[str, torch.Tensor]], met
     save_file(tensors, str(path), metadata={"method": method, "levels": json.dumps(levels)})
 
 
-def trim_metrics(path: Path, last_step: int) -> int:
+def trim_metrics(path: Path, last_step: int, *, at_the_end: bool = False) -> int:
     """Keep the metrics.jsonl lines of steps up to ``last_step`` (a resumed checkpoint's step), in
     order; drop the later ones, which the resumed launch writes again, and a line cut short by a
-    killed run. Rewritten atomically; returns how many lines were dropped (0 without a file)."""
+    killed run. ``at_the_end``: the checkpoint is the run's last step, so the resumed launch only
+    evaluates again: its final evaluation row (step ``last_step``) goes too, not to be there twice.
+    Rewritten atomically; returns how many lines were dropped (0 without a file)."""
     import os
 
     if not path.is_file():
@@ -110,7 +112,8 @@ def trim_metrics(path: Path, last_step: int) -> int:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+        final_eval = at_the_end and isinstance(row, dict) and row.get("step") == last_step and "eval_loss" in row
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step and not final_eval:
             kept.append(line)
         else:
             dropped += 1

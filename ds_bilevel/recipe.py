@@ -143,7 +143,7 @@ class TrainingRecipe:
                                bilevel.retrain_steps))
         total = sum(kind != StepKind.OUTER for kind, _ in schedule)  # inner steps, retraining included
         if run.resume_from_checkpoint:
-            state = self._resume()
+            state = self._resume(total)
         else:  # the evaluation before training, unless told to skip it (its phase is then 0 s)
             state = Progress(before=self._evaluate(0) if run.eval_before_training else None)
         self.phases.mark("resume" if run.resume_from_checkpoint else "eval_before")
@@ -238,7 +238,7 @@ class TrainingRecipe:
         self.engine.save_checkpoint(self.output_dir, checkpoint.tag(state.inner_done), {"ds_bilevel": client},
                                     self.rank, manifest_extra=schedule)
 
-    def _resume(self) -> Progress:
+    def _resume(self, total: int) -> Progress:
         load_dir, tag = checkpoint.resolve(self.run.resume_from_checkpoint, self.output_dir)
         state = self.engine.load_checkpoint(load_dir, tag)["ds_bilevel"]
         self.engine.load_state_dict({key: state.pop(key) for key in ("scheduler", "nonfinite")}, state["inner_done"])
@@ -247,7 +247,8 @@ class TrainingRecipe:
             # The lines a stopped launch wrote after this checkpoint are written again from here on:
             # the file then holds the lines of a run that never stopped (issue 18).
             metrics = self.output_dir / "metrics.jsonl"
-            trim_metrics(metrics, state["inner_done"])
+            # A launch resumed at the run's end trains nothing and writes only the final evaluation again.
+            trim_metrics(metrics, state["inner_done"], at_the_end=state["inner_done"] == total)
             self.metrics_file = metrics.open("a")
         return Progress(**state)
 

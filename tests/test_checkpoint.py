@@ -73,6 +73,17 @@ def test_a_finished_run_is_saved_and_resumes_with_more_steps(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step4"
     after_four = load_file(out / "adapter_model.safetensors")
 
+    def timeless(path):  # metrics.jsonl's rows without their timings
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+                for line in path.read_text().splitlines()]
+
+    finished = timeless(out / "metrics.jsonl")
+    # Resumed with nothing left, it trains nothing and evaluates again: the final row once, not twice.
+    result = launch([*common, "--max_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_summary(out)["steps_this_launch"] == 0 and timeless(out / "metrics.jsonl") == finished
+    assert [r["step"] for r in finished if "eval_loss" in r] == [0, 4]
+
     result = launch([*common, "--max_steps", "8", "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -42,3 +42,6 @@ def test_trim_metrics_keeps_the_steps_up_to_the_checkpoint(tmp_path):
     assert trim_metrics(path, 4) == 3
     assert [json.loads(line) for line in path.read_text().splitlines()] == [r for r in rows if r["step"] <= 4]
     assert trim_metrics(path, 4) == 0  # nothing past step 4 left
+    # resumed at the run's end (step 4 its last): the final evaluation's row goes, the train rows stay
+    assert trim_metrics(path, 4, at_the_end=True) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [r for r in rows if r["step"] <= 4][:-1]
