@@ -20,6 +20,8 @@ BENCHMARKS = {
     "generalisation": ("bench.generalisation:main", "the generalisation study (bi-level vs one-level)"),
     "adapter_layer": ("bench.adapter_layer:main",
                       "one adapted layer's forward+backward: the plain autograd form vs the fused node"),
+    "step_ops": ("bench.step_ops:main", "aten ops (GPU kernel launches) per optimizer step, ours vs PEFT and per "
+                 "method, by the code that issues them"),
     "perturbation_bf16": ("bench.perturbation_bf16:main",
                           "J.v error of the central differences with bf16 compute weights, per step rule"),
 }

@@ -5,8 +5,9 @@
 
 Two launches (bench/gpu_worker.py runs several configurations in one process tree): ZeRO-2 and
 ZeRO-3 (ds_configs/zero2_bf16.json, zero3_bf16.json), each with PEFT LoRA and DoRA
-(bench/peft_worker.py), ours LoRA, DoRA, BiLoRA first_order, BiDoRA first_order and darts
-(T1 = 1) and Bi-LoRA on ``builtin:mid-llama``; the ZeRO-2 launch ends with ours LoRA on
+(bench/peft_worker.py), ours LoRA, DoRA, DoRA with its norm not detached (BiDoRA's own pass
+arithmetic), BiLoRA first_order, BiDoRA first_order and darts (T1 = 1) and Bi-LoRA on
+``builtin:mid-llama``; the ZeRO-2 launch ends with ours LoRA on
 ``builtin:llama-3-8b-shape`` (8.0B, vocabulary 128256), with the logits and with the loss inside
 the output head (``linear_cross_entropy``). bf16, activation checkpointing, r = 16
 on all seven projections, micro batch ``--micro_batch`` of exactly ``--seq`` tokens (a generated
@@ -16,7 +17,11 @@ past it are recorded as skipped, not run. Writes DIR/gpu.json and DIR/gpu.md.
 Timing skips the first ``--warmup`` steps (bench/common.py ``steady_rate``; PEFT's worker times
 the same window). FLOPs and MFU: PaLM's convention (6 N + 12 L h T per token and pass, N without
 the input embedding); "useful MFU" counts one pass per inner step (LoRA's work) at the measured
-inner-step tokens/s, whatever the method does besides.
+inner-step tokens/s, whatever the method does besides. "time / (passes x sibling)" divides a
+bi-level row's seconds per inner step by its analytic passes (bench/passes.py) times the seconds
+of its one-level sibling's pass (bench/methods.py: LoRA for BiLoRA and Bi-LoRA, DoRA for BiDoRA,
+and for BiDoRA also "dora undetached": what is left over that is the hypergradient's overhead,
+not the arithmetic of BiDoRA's pass).
 """
 
 from __future__ import annotations
@@ -32,19 +37,33 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, builtin_shape, free_port, launch_env, machine, table
+from bench.methods import SIBLING
 from bench.passes import analytic_passes, method_args
 
 H100_PEAK_TFLOPS = 989.0
 """H100 SXM and H200 dense bf16 tensor-core peak (NVIDIA's datasheets; 1979 is with sparsity)."""
-# name -> (kind, method, hypergrad): the rows of one ZeRO stage, PEFT first
+UNDETACHED = "dora undetached"
+"""DoRA differentiating through its weight norm (BiDoRA's hypergradient needs that path): BiDoRA's pass."""
+# name -> (kind, method, hypergrad, extra train.py flags): the rows of one ZeRO stage, PEFT first and
+# the one-level siblings before the bi-level rows, so that a run cut by the budget keeps their ratios
 CONFIGS = {
-    "peft lora": ("peft", "lora", None), "peft dora": ("peft", "dora", None),
-    "lora": ("ours", "lora", None), "dora": ("ours", "dora", None),
-    "bilora first_order": ("ours", "bilora", "first_order"), "bidora first_order": ("ours", "bidora", "first_order"),
-    "bidora darts": ("ours", "bidora", "darts"), "bilora_sam": ("ours", "bilora_sam", None),
+    "peft lora": ("peft", "lora", None, []), "peft dora": ("peft", "dora", None, []),
+    "lora": ("ours", "lora", None, []), "dora": ("ours", "dora", None, []),
+    UNDETACHED: ("ours", "dora", None, ["--adapter.detach_norm", "false"]),
+    "bilora first_order": ("ours", "bilora", "first_order", []),
+    "bidora first_order": ("ours", "bidora", "first_order", []),
+    "bidora darts": ("ours", "bidora", "darts", []), "bilora_sam": ("ours", "bilora_sam", None, []),
 }
 PEER = {"lora": "peft lora", "dora": "peft dora"}
 BIG_ROW = "lora 8b-shape"
+
+
+def siblings(method: str) -> list[str]:
+    """The one-level rows a bi-level method's pass is measured against: its sibling (bench/methods.py),
+    and for BiDoRA also DoRA with the norm not detached. None for the one-level methods themselves."""
+    if method in ("lora", "dora"):
+        return []
+    return [SIBLING[method]] + ([UNDETACHED] if method == "bidora" else [])
 
 
 def write_dataset(path: Path, rows: int, seq: int, seed: int = 0) -> None:
@@ -107,11 +126,11 @@ def plans(options, data: Path, out: Path, deadline: float) -> list[dict]:
     for stage in (int(s) for s in options.stages.split(",")):
         configs = []
         for name in options.configs.split(","):
-            kind, method, hypergrad = CONFIGS[name]
+            kind, method, hypergrad, extra = CONFIGS[name]
             args = train_args(options, options.model, options.steps, stage, data,
                               out / "runs" / f"zero{stage}_{name.replace(' ', '_')}")
             configs.append({"name": name, "kind": kind, "method": method, "model": options.model,
-                            "argv": args + (method_args(method, hypergrad) if kind == "ours" else [])})
+                            "argv": args + (method_args(method, hypergrad) + extra if kind == "ours" else [])})
         if options.big_model and stage == 2:
             args = train_args(options, options.big_model, options.big_steps, stage, data, out / "runs" / "zero2_8b")
             configs.append({"name": BIG_ROW, "kind": "ours", "method": "lora", "model": options.big_model,
@@ -172,8 +191,15 @@ def derive(rows: list[dict], options, ranks: int) -> None:
             per_token[model] = flops_per_token(model, options.seq)
         row["peak_gb"] = max(row["peak_memory_gb_per_rank"])
         row["useful_mfu"] = row["tokens_per_s"] * per_token[model] / peak_flops
-        kind, method, hypergrad = CONFIGS.get(row["name"], ("ours", "lora", None))
+        kind, method, hypergrad, _ = CONFIGS.get(row["name"], ("ours", "lora", None, []))
         row["passes_per_inner_step"] = analytic_passes(method, hypergrad)
+        # issue 13's "BiDoRA darts within 5% of 4 x DoRA's pass": time / (passes x the sibling's time)
+        row["time_vs_passes_x_sibling"] = {}
+        for name in siblings(method) if kind == "ours" and not big else []:
+            sibling = by.get((row["group"], name), {})
+            if "s_per_step" in sibling:
+                row["time_vs_passes_x_sibling"][name] = row["s_per_step"] / (row["passes_per_inner_step"]
+                                                                             * sibling["s_per_step"])
         peer = by.get((row["group"], PEER.get(row["name"], "")))
         if peer and "tokens_per_s" in peer:
             row["speed_vs_peft"] = row["tokens_per_s"] / peer["tokens_per_s"]
@@ -191,15 +217,17 @@ def markdown(rows: list[dict], launches: list[dict]) -> str:
     body = []
     for r in rows:
         if "tokens_per_s" not in r:
-            body.append([r["group"], r["name"], r.get("skipped") or r.get("error", "?"), *[""] * 8])
+            body.append([r["group"], r["name"], r.get("skipped") or r.get("error", "?"), *[""] * 9])
             continue
         body.append([r["group"], r["name"], f"{r['tokens_per_s']:.0f}", f"{r['peak_gb']:.2f}",
                      f"{100 * r['useful_mfu']:.1f}%", fmt(r.get("speed_vs_peft"), ".2f"),
                      fmt(r.get("memory_vs_peft"), ".2f"), fmt(r.get("time_vs_lora"), ".2f"),
+                     ", ".join(f"{v:.2f} ({s})" for s, v in r.get("time_vs_passes_x_sibling", {}).items()),
                      fmt(r.get("memory_vs_lora"), ".2f"), f"{r.get('outside_training_s', r['wall_s']):.1f}",
                      fmt(r.get("phases", {}).get("start_to_first_step"), ".1f")])
     main = table(["ZeRO", "run", "tokens/s", "peak GB", "useful MFU", "speed vs PEFT", "memory vs PEFT",
-                  "time vs LoRA", "memory vs LoRA", "s outside training", "s from main to first step"], body)
+                  "time vs LoRA", "time / (passes x sibling)", "memory vs LoRA", "s outside training",
+                  "s from main to first step"], body)
     starts = table(["launch", "wall s", "launcher + imports s (to the worker's first line)", "configurations"],
                    [[x["group"], f"{x['wall_s']:.1f}", fmt(x.get("worker_start_after_launch_s"), ".1f"), x["configs"]]
                     for x in launches])

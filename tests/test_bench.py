@@ -1,4 +1,5 @@
-"""The benchmarks' own logic (no launcher): pass counting, steady-rate arithmetic, the CLI."""
+"""The benchmarks' own logic: pass counting, steady-rate arithmetic, the CLI (no launcher), and the
+op counts of ``bench step_ops`` (one launch)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,39 @@ def test_unknown_benchmark_is_refused():
                             timeout=60)
     assert result.returncode == 2
     assert "unknown benchmark 'nope'" in result.stderr
+
+
+@pytest.mark.launcher
+def test_step_ops_counts_are_exact_and_ours_issue_no_more_than_peft(tmp_path):
+    """``bench step_ops`` on micro-llama (14 adapted layers; 4 in the scaling count), every
+    configuration counted twice in the launch. Op counts do not depend on load: equal counts are
+    required, not approximately equal ones."""
+    result = subprocess.run([sys.executable, "-m", "bench", "step_ops", "--model", "builtin:micro-llama",
+                             "--configs", "peft lora,lora,dora,bidora darts", "--repeats", "2", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["config"]: row for row in json.loads((tmp_path / "step_ops.json").read_text())["rows"]}
+    assert list(rows) == ["peft lora", "lora", "dora", "bidora darts"]
+    for name, row in rows.items():
+        # two launches' worth of engines in one process, two cycles each: one number
+        assert row["deterministic"] and len(row["repeats_cycle_ops"]) == 2, (name, row["repeats_cycle_ops"])
+        assert len(set(row["cycle_ops"])) == 1, (name, row["cycle_ops"])
+        # every op has one zone and one step kind
+        assert sum(row["zones"].values()) == sum(row["ops_by_step"].values()) == row["ops_per_cycle"], name
+        assert row["adapted_layers"] == 14 and row["groups"]["autograd backward"] > 0, name
+    lora, peft, dora, darts = rows["lora"], rows["peft lora"], rows["dora"], rows["bidora darts"]
+    # issue 13: ours LoRA launches no more kernels per step than PEFT's (1300 vs 1306 here, 2348 vs 2426
+    # on tiny-llama), and each adapted layer costs fewer (the fused node: 36.4 vs 41.2)
+    assert lora["ops_per_inner_step"] <= peft["ops_per_inner_step"], (lora["ops_per_inner_step"],
+                                                                      peft["ops_per_inner_step"])
+    assert lora["ops_per_adapted_layer"] < peft["ops_per_adapted_layer"]
+    assert lora["vs_peft"] == pytest.approx(lora["ops_per_inner_step"] / peft["ops_per_inner_step"])
+    # the zones name the code: ours runs its fused adapter node, PEFT its tuner, never the other's
+    assert any(zone.startswith("ds_bilevel/adapters/fused.py") for zone in lora["zones"])
+    assert any(zone.startswith("autograd: backward of peft/tuners/") for zone in peft["zones"])
+    assert "peft" not in lora["groups"] and "ours" not in peft["groups"]
+    # BiDoRA darts (T1 = 1): an inner pass and an outer step of 3 passes, each at least a DoRA pass
+    assert darts["passes_per_inner_step"] == 4.0
+    assert darts["ops_per_cycle"] > 3 * dora["ops_per_cycle"]
+    assert darts["ops_by_step"]["outer"] > 2 * dora["ops_per_cycle"]
+    assert darts["vs_passes_x_sibling"]["dora"] == pytest.approx(darts["ops_per_cycle"] / (4 * dora["ops_per_cycle"]))

@@ -24,17 +24,48 @@ def test_derived_columns():
          "wall_s": 5.0},
         {"group": "zero2", "name": "bidora darts", "tokens_per_s": 300.0, "s_per_step": 3.2,
          "peak_memory_gb_per_rank": [2.09], "wall_s": 5.0},
+        {"group": "zero2", "name": "dora", "tokens_per_s": 1100.0, "s_per_step": 0.9, "wall_s": 5.0,
+         "peak_memory_gb_per_rank": [1.9]},
+        {"group": "zero2", "name": "dora undetached", "tokens_per_s": 1000.0, "s_per_step": 1.0, "wall_s": 5.0,
+         "peak_memory_gb_per_rank": [1.9]},
+        {"group": "zero2", "name": "bilora_sam", "tokens_per_s": 1000.0, "s_per_step": 1.0, "wall_s": 5.0,
+         "peak_memory_gb_per_rank": [1.9]},
+        {"group": "zero3", "name": "bidora darts", "tokens_per_s": 300.0, "s_per_step": 3.2, "wall_s": 5.0,
+         "peak_memory_gb_per_rank": [2.0]},
         {"group": "zero3", "name": "lora", "error": "RuntimeError: boom"},
     ]
     gpu.derive(rows, options, ranks=1)
-    lora, darts = rows[1], rows[2]
+    lora, darts, dora, undetached, sam, darts3 = rows[1:7]
     assert lora["speed_vs_peft"] == pytest.approx(1.2) and lora["memory_vs_peft"] == pytest.approx(0.95)
     assert darts["time_vs_lora"] == pytest.approx(4.0) and darts["memory_vs_lora"] == pytest.approx(1.1)
     assert darts["passes_per_inner_step"] == 4.0 and "speed_vs_peft" not in darts
+    # time / (passes x sibling): BiDoRA darts against 4 DoRA passes (0.9 s) and 4 undetached ones (1.0 s),
+    # Bi-LoRA against one LoRA pass; none for the one-level rows, none where the sibling did not run
+    assert darts["time_vs_passes_x_sibling"] == pytest.approx({"dora": 3.2 / 3.6, "dora undetached": 0.8})
+    assert sam["time_vs_passes_x_sibling"] == pytest.approx({"lora": 1.25})
+    assert lora["time_vs_passes_x_sibling"] == dora["time_vs_passes_x_sibling"] == {}
+    assert undetached["time_vs_passes_x_sibling"] == {} and darts3["time_vs_passes_x_sibling"] == {}
     per_token = gpu.flops_per_token("builtin:micro-llama", 32)
     assert lora["useful_mfu"] == pytest.approx(1200.0 * per_token / 1e15)
     text = gpu.markdown(rows, [{"group": "zero2", "wall_s": 10.0, "configs": 3}])
     assert "| zero3 | lora | RuntimeError: boom |" in text and "| zero2 | lora | 1200 | 1.90 |" in text
+    assert "| 4.00 | 0.89 (dora), 0.80 (dora undetached) | 1.10 |" in text
+    main_table = text.split("\n\n")[0].splitlines()
+    assert len({line.count("|") for line in main_table}) == 1, main_table  # the error row fills every column
+
+
+def test_siblings_run_before_the_rows_compared_with_them(tmp_path):
+    """A launch cut by the budget skips the last configurations: each row's siblings come before it,
+    and the undetached DoRA row carries the flag that makes its pass BiDoRA's."""
+    names = list(gpu.CONFIGS)
+    for position, (name, (_, method, _, _)) in enumerate(gpu.CONFIGS.items()):
+        assert all(names.index(sibling) < position for sibling in gpu.siblings(method)), name
+    assert gpu.siblings("bidora") == ["dora", "dora undetached"] and gpu.siblings("bilora_sam") == ["lora"]
+    options = gpu.options_for(["--out", str(tmp_path), "--stages", "3", "--big_model", ""])
+    (plan,) = gpu.plans(options, tmp_path / "data.jsonl", tmp_path, deadline=0.0)
+    argv = {config["name"]: config["argv"] for config in plan["configs"]}
+    assert argv["dora undetached"][-4:] == ["--method", "dora", "--adapter.detach_norm", "false"]
+    assert "--adapter.detach_norm" not in argv["dora"] and "--adapter.detach_norm" not in argv["bidora darts"]
 
 
 def test_unknown_config_is_refused(capsys):
@@ -46,14 +77,17 @@ def test_unknown_config_is_refused(capsys):
 @pytest.mark.launcher
 def test_smoke_runs_peft_and_ours_in_one_launch(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench", "gpu", "--out", str(tmp_path), "--smoke", "--stages", "2",
-                             "--configs", "peft lora,lora", "--big_model", ""],
+                             "--configs", "peft lora,lora,dora undetached", "--big_model", ""],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
-    assert len(results["launches"]) == 1 and results["launches"][0]["configs"] == 2
+    assert len(results["launches"]) == 1 and results["launches"][0]["configs"] == 3
     rows = {row["name"]: row for row in results["rows"]}
-    assert set(rows) == {"peft lora", "lora"}
+    assert set(rows) == {"peft lora", "lora", "dora undetached"}
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["peak_gb"] > 0 and row["timed_steps"] == 1, row
     assert rows["lora"]["speed_vs_peft"] > 0 and rows["lora"]["outside_training_s"] > 0
     assert "| zero2 | lora |" in (tmp_path / "gpu.md").read_text()
+    # the undetached row trained DoRA with its norm in the graph (what BiDoRA's pass computes)
+    config = json.loads((tmp_path / "runs" / "zero2_dora_undetached" / "run_config.json").read_text())
+    assert config["adapter"]["method"] == "dora" and config["adapter"]["detach_norm"] is False
