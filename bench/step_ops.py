@@ -18,7 +18,8 @@ Each op is attributed to a zone: the first Python frame outside torch that issue
 (``ds_bilevel/adapters/fused.py:forward``, ``deepspeed/runtime/zero/stage_1_and_2.py:...``,
 with a ``[recompute]`` mark when activation checkpointing re-runs a forward inside the
 backward), or, for ops that autograd's built-in derivative formulas issue from C++,
-``autograd: backward of <the zone of the forward call that made the node>``. Each
+``autograd: backward of <the zone of the forward call that made the node>`` (or
+``autograd: torch::autograd::AccumulateGrad``, a gradient added to one that exists). Each
 configuration is counted a second time with adapters on ``--scaling_targets`` only (default
 q_proj,v_proj: 8 of tiny-llama's 28 layers): the difference per adapted layer says which
 zones grow with the number of adapters (per-layer and per-parameter loops; on a GPU each is a
@@ -143,7 +144,9 @@ class OpCounter(TorchDispatchMode):
             zone, by_engine = caller_zone(frame)
             if by_engine:
                 node = torch._C._current_autograd_node()
-                zone = "autograd: backward of " + ((node.metadata.get("zone") or node.name()) if node else "?")
+                label = node.metadata.get("zone") if node is not None else None
+                # unlabelled: a parameter's AccumulateGrad (adding to a .grad that exists already)
+                zone = f"autograd: backward of {label}" if label else f"autograd: {node.name() if node else '?'}"
             elif torch._C._current_autograd_node() is not None and in_recompute(frame):
                 zone += " [recompute]"
             self.zones[zone] += 1
