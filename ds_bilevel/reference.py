@@ -29,7 +29,7 @@ from ds_bilevel.optim import (
 )
 from ds_bilevel.preparation import batch_sources, prepare
 from ds_bilevel.schedule import Batch, StepKind, events, run_steps, take_step
-from ds_bilevel.zero_access import scale_compute_weight_
+from ds_bilevel.zero_access import scale_compute_weights_
 
 
 class ReferenceBilevel:
@@ -117,7 +117,7 @@ class ReferenceBilevel:
         inner, outer = self.gradients(Objective.INNER)
         self._apply({Level.INNER: inner, Level.OUTER: [-g for g in outer]})
         if self.method.after_step is not None:  # Bi-LoRA's clip: the engine's function, on plain tensors
-            self.method.after_step(self.model, self.run.adapter, scale_compute_weight_)
+            self.method.after_step(self.model, self.run.adapter, scale_compute_weights_)
         return self.losses[Objective.INNER]
 
     @torch.no_grad()

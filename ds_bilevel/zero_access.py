@@ -55,22 +55,35 @@ def set_master_value(param: nn.Parameter, value: torch.Tensor) -> None:
 
     if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
         safe_set_full_fp32_param(param, value)
-    write_compute_weight(param, value)
+    write_compute_weights([param], [value])
 
 
 @torch.no_grad()
-def scale_master_(param: nn.Parameter, factor: torch.Tensor | float) -> None:
-    """Multiply this rank's share of the fp32 master by ``factor``: no communication. Where
+def scale_masters_(params: list[nn.Parameter], factor: torch.Tensor | float) -> None:
+    """Multiply this rank's share of each fp32 master by ``factor``: no communication. Where
     there is no separate master (fp32 without ZeRO), the compute weight is the master: the
-    caller scales it."""
-    if hasattr(param, "ds_id"):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+    caller scales it. The ZeRO-1/2 shares (views of the flat partition) in one multi-tensor op:
+    on a GPU one kernel for all of them instead of one per parameter."""
+    fragments = []
+    for param in params:
+        if hasattr(param, "ds_id"):
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-        master = safe_get_local_fp32_param(param)
-        safe_set_local_fp32_param(param, master * _on(factor, master))
-    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16: a view of the flat partition
-        fragment = param._hp_mapping.get_hp_fragment()
-        fragment.mul_(_on(factor, fragment))
+            master = safe_get_local_fp32_param(param)
+            safe_set_local_fp32_param(param, master * _on(factor, master))
+        elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16: a view of the flat partition
+            fragments.append(param._hp_mapping.get_hp_fragment())
+    _foreach_scale_(fragments, factor)
+
+
+def _foreach_scale_(tensors: list[torch.Tensor], factor: torch.Tensor | float) -> None:
+    """``t.mul_(factor)`` for every tensor, one multi-tensor op per device (an offloaded master
+    is on the host, the factor may be on the accelerator)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    for group in by_device.values():
+        torch._foreach_mul_(group, _on(factor, group[0]))
 
 
 def _on(factor: torch.Tensor | float, tensor: torch.Tensor) -> torch.Tensor | float:
@@ -90,32 +103,41 @@ def _gathered_now(param: nn.Parameter) -> bool:
 
 
 @torch.no_grad()
-def write_compute_weight(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Write ``value`` (full, fp32) into the weight the forward uses, cast to its dtype.
+def write_compute_weights(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Write each ``value`` (full, fp32) into the weight the forward uses, cast to its dtype.
 
     Under ZeRO-3 that is this rank's partition ``param.ds_tensor`` (the last one padded),
     and the gathered copy too where the parameter is persistent: writing the partition alone
     left persistent weights unperturbed, which made darts/neumann/cg first-order at ZeRO-3
-    on more than one rank (issue 12).
+    on more than one rank (issue 12). The other parameters' whole weights take one
+    multi-tensor copy (a hypergradient writes every inner parameter 3 times per step).
     """
-    if hasattr(param, "ds_id"):
-        param.ds_tensor.copy_(local_partition(param, value).to(param.ds_tensor.device))
-        if _gathered_now(param):
-            param.data.copy_(value.view(param.ds_shape))
-    else:
-        param.data.copy_(value.view_as(param))
+    whole, sources = [], []
+    for param, value in zip(params, values, strict=True):
+        if hasattr(param, "ds_id"):
+            param.ds_tensor.copy_(local_partition(param, value).to(param.ds_tensor.device))
+            if _gathered_now(param):
+                param.data.copy_(value.view(param.ds_shape))
+        else:
+            whole.append(param.data)
+            sources.append(value.view_as(param))
+    if whole:
+        torch._foreach_copy_(whole, sources)
 
 
 @torch.no_grad()
-def scale_compute_weight_(param: nn.Parameter, factor: torch.Tensor | float) -> None:
-    """Multiply the weight the forward uses by ``factor`` in place, no communication: under
-    ZeRO-3 this rank's partition and, for a persistent parameter, its gathered copy."""
-    if hasattr(param, "ds_id"):
-        param.ds_tensor.mul_(factor)
-        if _gathered_now(param):
-            param.data.mul_(factor)
-    else:
-        param.data.mul_(factor)
+def scale_compute_weights_(params: list[nn.Parameter], factor: torch.Tensor | float) -> None:
+    """Multiply the weights the forward uses by ``factor`` in place, no communication: under
+    ZeRO-3 each rank's partition and, for a persistent parameter, its gathered copy."""
+    tensors = []
+    for param in params:
+        if hasattr(param, "ds_id"):
+            tensors.append(param.ds_tensor)
+            if _gathered_now(param):
+                tensors.append(param.data)
+        else:
+            tensors.append(param.data)
+    _foreach_scale_(tensors, factor)
 
 
 def full_grad(param: nn.Parameter) -> torch.Tensor:
@@ -142,7 +164,7 @@ def _fragment(param: nn.Parameter, kind: str) -> tuple[int, torch.Tensor] | None
     address = mapping.lp_fragment_address
     if kind == "master":
         return address.start, mapping.get_hp_fragment().flatten()
-    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).to(torch.float32).flatten()
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).flatten()  # cast by the copy
     if fragment.numel() == param.numel():  # bf16 keeps a full accumulation buffer: take the owned part
         fragment = fragment.narrow(0, address.start, address.numel)
     return address.start, fragment
@@ -163,14 +185,19 @@ def _full_values(params: list[nn.Parameter], kind: str, one: Callable) -> list[t
         for param in members:
             offsets.append(offsets[-1] + param.numel())
         buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=members[0].device)
+        targets, fragments = [], []
         for param, offset in zip(members, offsets, strict=False):
             fragment = _fragment(param, kind)
             if fragment is not None:
                 start, values = fragment
-                buffer.narrow(0, offset + start, values.numel()).copy_(values)
+                targets.append(buffer.narrow(0, offset + start, values.numel()))
+                fragments.append(values)
+        if targets:  # one multi-tensor copy (and cast from bf16) for all of them
+            torch._foreach_copy_(targets, fragments)
         dist.all_reduce(buffer, group=members[0]._dp_group)
+        # Views of the one buffer, not copies: the callers (hypergrad, engine) only read them.
         for i, param, offset in zip(batched, members, offsets, strict=False):
-            out[i] = buffer.narrow(0, offset, param.numel()).view(param.shape).clone()
+            out[i] = buffer.narrow(0, offset, param.numel()).view(param.shape)
     return out
 
 

@@ -27,7 +27,7 @@ from ds_bilevel.adapters.base import kaiming_uniform_
 from ds_bilevel.adapters.fused import ReverseGrad, adapted_linear, fusable
 from ds_bilevel.adapters.lora import LoraLayer
 from ds_bilevel.levels import Level, TrainingMode
-from ds_bilevel.zero_access import gathered, scale_compute_weight_
+from ds_bilevel.zero_access import gathered, scale_compute_weights_
 
 if TYPE_CHECKING:  # annotations only (adapters/config.py sits above the layer files)
     from ds_bilevel.adapters.config import AdapterConfig
@@ -136,24 +136,36 @@ def auxiliary_parameters(model: nn.Module) -> list[nn.Parameter]:
 def auxiliary_sq_norm(model: nn.Module) -> torch.Tensor:
     """sum_j ||s B2_j A2_j||_F^2 over the auxiliary modules of ``model``, an fp32 scalar, from the
     weights the forward uses: whole at ZeRO 0-2, gathered in one call at ZeRO-3 (collective: call
-    on every rank; every rank then gets the full sum and must not all-reduce it again)."""
+    on every rank; every rank then gets the full sum and must not all-reduce it again).
+
+    Layers of the same factor shapes (a LLaMA block's q/k/v/o/gate/up/down, repeated over the
+    blocks) are stacked and take one batched product, so the op count is per shape, not per layer
+    (on a GPU: a handful of kernels for all 224 layers of LLaMA-3-8B instead of 5 per layer)."""
     layers = auxiliary_layers(model)
     if not layers:
         return torch.zeros(())
     with gathered(auxiliary_parameters(model)), torch.no_grad():
-        return torch.stack([layer.auxiliary_sq_norm() for layer in layers]).sum()
+        groups: dict[tuple, list[BiLoraSamLayer]] = {}  # by the whole shapes (gathered, at ZeRO-3)
+        for layer in layers:
+            groups.setdefault((layer.aux_A.shape, layer.aux_B.shape, layer.scaling), []).append(layer)
+        terms = []
+        for (_, _, scaling), group in groups.items():
+            a = torch.stack([layer.aux_A for layer in group]).float()  # (n, r2, in)
+            b = torch.stack([layer.aux_B for layer in group]).float()  # (n, out, r2)
+            # tr((B2^T B2)(A2 A2^T)) per layer, as BiLoraSamLayer.auxiliary_sq_norm, summed over the group
+            terms.append((b.mT @ b * (a @ a.mT)).sum() * scaling**2)
+        return torch.stack(terms).sum()
 
 
-ScaleFn = Callable[[nn.Parameter, torch.Tensor | float], None]
-"""Multiplies a trained parameter by a factor in place: its compute weight by default
-(``zero_access.scale_compute_weight_``); an engine that keeps fp32 masters scales those too."""
+ScaleFn = Callable[[list[nn.Parameter], torch.Tensor | float], None]
+"""Multiplies trained parameters by a factor in place: their compute weights by default
+(``zero_access.scale_compute_weights_``); an engine that keeps fp32 masters scales those too."""
 
 
 @torch.no_grad()
-def scale_auxiliary_(model: nn.Module, factor: torch.Tensor | float, scale_: ScaleFn = scale_compute_weight_) -> None:
+def scale_auxiliary_(model: nn.Module, factor: torch.Tensor | float, scale_: ScaleFn = scale_compute_weights_) -> None:
     """Multiply every aux_A and aux_B of ``model`` by ``factor`` in place, with ``scale_``."""
-    for param in auxiliary_parameters(model):
-        scale_(param, factor)
+    scale_(auxiliary_parameters(model), factor)
 
 
 def clip_factor(norm: torch.Tensor | float, rho: float) -> torch.Tensor:
@@ -164,7 +176,7 @@ def clip_factor(norm: torch.Tensor | float, rho: float) -> torch.Tensor:
 
 
 def clip_auxiliary_(model: nn.Module, rho: float, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    scale_: ScaleFn = scale_compute_weight_) -> torch.Tensor:
+                    scale_: ScaleFn = scale_compute_weights_) -> torch.Tensor:
     """The global clip of the auxiliary modules to c = sqrt(sum_j ||s B2_j A2_j||_F^2) <= rho;
     returns c. The one implementation: the engine and the reference both call it (through
     ``after_step``).

@@ -21,7 +21,7 @@ from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.levels import TrainingMode
 
 PeftForm = Callable[[AdapterLayer], dict[str, torch.Tensor]]
-AfterStep = Callable[[nn.Module, object, Callable[[nn.Parameter, torch.Tensor | float], None]], None]
+AfterStep = Callable[[nn.Module, object, Callable[[list[nn.Parameter], torch.Tensor | float], None]], None]
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ class Method:
     """Values ``AdapterConfig.validate`` gives the settings left unset (None) for this method."""
     after_step: AfterStep | None = None
     """Runs after every optimizer step, on the engine and on the reference alike:
-    ``after_step(model, adapter_config, scale_)``, where ``scale_(param, factor)`` multiplies a
-    trained parameter in place (masters included). Bi-LoRA's global clip."""
+    ``after_step(model, adapter_config, scale_)``, where ``scale_(params, factor)`` multiplies
+    trained parameters in place (masters included). Bi-LoRA's global clip."""
 
     @property
     def training_mode(self) -> TrainingMode:

@@ -6,6 +6,8 @@ It converges to the implicit hypergradient as K grows when 0 < alpha < 2 / lambd
 Cost: 2K + 3 passes (one on D2, 2 per Hessian-vector product, 2 for J p).
 """
 
+import torch
+
 from ds_bilevel.bilevel_config import BilevelConfig
 from ds_bilevel.hypergrad.problem import (
     BilevelProblem,
@@ -26,6 +28,6 @@ def neumann(problem: BilevelProblem, config: BilevelConfig) -> Tensors:
         hvp, _ = second_order_products(problem, term, config.hypergrad_eps, randomness)
         term = axpy(-alpha, hvp, term)  # (I - alpha H) term
         total = axpy(1.0, term, total)
-    inverse_hvp = [alpha * t for t in total]
+    inverse_hvp = torch._foreach_mul(total, alpha)
     _, mixed = second_order_products(problem, inverse_hvp, config.hypergrad_eps, randomness)
     return axpy(-1.0, mixed, grad_lam)

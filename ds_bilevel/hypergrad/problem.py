@@ -36,17 +36,35 @@ class BilevelProblem(Protocol):
         """The inner optimizer's current learning rate (xi of the original DARTS)."""
 
 
+# The list operations below touch every inner parameter (hundreds of tensors at LLaMA scale,
+# several times per outer step): each is a fixed number of (multi-tensor) ops whatever the
+# number of tensors, not one or more per tensor, so that on a GPU they are a few kernels.
+
+
 def dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True))
+    """sum_i <a_i, b_i> in float64 (a 0-dim tensor on the tensors' device). Flat float64 copies of
+    both lists, for a moment: cg's curvature and step, not the darts/neumann path (``norm``)."""
+    if not a:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.dot(torch.cat([x.reshape(-1) for x in a]).double(), torch.cat([y.reshape(-1) for y in b]).double())
 
 
 def norm(a: Tensors) -> torch.Tensor:
-    return dot(a, a).sqrt()
+    """sqrt(sum_i ||a_i||^2), a float64 0-dim tensor, from the tensors' norms in one multi-tensor
+    op (no copy of the list: the step of every central difference reads it)."""
+    if not a:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(a)).double().square().sum().sqrt()
 
 
 def axpy(alpha: float | torch.Tensor, x: Tensors, y: Tensors) -> Tensors:
-    """alpha * x + y, elementwise over the lists."""
-    return [alpha * xi + yi for xi, yi in zip(x, y, strict=True)]
+    """alpha * x + y, elementwise over the lists (alpha a number or a 0-dim tensor)."""
+    return torch._foreach_add(torch._foreach_mul(x, alpha), y)
+
+
+def scaled_difference(a: Tensors, b: Tensors, width: float | torch.Tensor) -> Tensors:
+    """(a - b) / width, elementwise over the lists."""
+    return torch._foreach_div(torch._foreach_sub(a, b), width)
 
 
 # Smallest perturbation radius, relative to the norm of the inner weights, for compute weights
@@ -141,6 +159,4 @@ def second_order_products(problem: BilevelProblem, u: Tensors, eps: float,
     # The problem may widen the step for 16-bit compute weights (applied_scale): divide by the
     # distance actually travelled along u.
     width = (step if plus is None else plus) - (-step if minus is None else minus)
-    hvp = [(p - m) / width for p, m in zip(grad_w_plus, grad_w_minus, strict=True)]
-    mixed = [(p - m) / width for p, m in zip(grad_lam_plus, grad_lam_minus, strict=True)]
-    return hvp, mixed
+    return scaled_difference(grad_w_plus, grad_w_minus, width), scaled_difference(grad_lam_plus, grad_lam_minus, width)
