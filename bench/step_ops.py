@@ -9,7 +9,8 @@ rank runs every configuration in the same process (this file is the worker as we
 ``--worker PLAN.json``): the set-up and one cycle untimed, then ``CYCLES`` optimizer cycles
 (one inner step, or for a bi-level method ``--unroll`` T1 inner steps and the outer step;
 T1 = 1 by default) under a
-``TorchDispatchMode`` that counts every non-view op. The flags are those of ``bench peer``
+``TorchDispatchMode`` that counts every op that launches a kernel (not views, allocations or
+profiler marks). The flags are those of ``bench peer``
 and ``bench methods`` (bench.common.timed_args: ZeRO-2 fp32, activation checkpointing, micro
 batch 8 x 2 accumulation, r = 8 on all seven projections); the PEFT peer is
 bench/peft_worker.py's model and loop.
@@ -64,9 +65,11 @@ CONFIGS = {
     "bilora first_order": ("ours", "bilora", "first_order", []), "bilora darts": ("ours", "bilora", "darts", []),
     "bidora first_order": ("ours", "bidora", "first_order", []), "bidora darts": ("ours", "bidora", "darts", []),
 }
-# Ops that only relabel or allocate memory (no kernel): bench/adapter_layer.py's, and those a whole
-# step adds (unbind and chunk are views; the empty_* allocate without writing).
-VIEW_OPS = LAYER_VIEW_OPS | {"unbind", "chunk", "expand_as", "empty_like", "empty_strided", "new_empty_strided"}
+# Ops that launch no kernel: views and allocations (bench/adapter_layer.py's, and those a whole step
+# adds: unbind and chunk are views, the empty_* allocate without writing), and the profiler's range
+# marks that record_function dispatches (torch's optimizer step opens one; NodeZones's calls doubled them).
+NO_KERNEL_OPS = LAYER_VIEW_OPS | {"unbind", "chunk", "expand_as", "empty_like", "empty_strided", "new_empty_strided",
+                                  "_record_function_enter", "_record_function_enter_new", "_record_function_exit"}
 GROUPS = ("ours", "deepspeed", "transformers", "peft", "autograd backward", "torch checkpoint", "other")
 TORCH_DIR = str(Path(torch.__file__).parent) + "/"
 CHECKPOINT_FILE = TORCH_DIR + "utils/checkpoint.py"
@@ -129,7 +132,7 @@ OWN_MODE_CODE = NodeZones.__torch_function__.__code__
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts non-view aten ops by zone, aten name and ``self.step`` (the kind of step running)."""
+    """Counts the aten ops that launch a kernel, by zone, aten name and ``self.step`` (the kind of step running)."""
 
     def __init__(self):
         super().__init__()
@@ -139,7 +142,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__.rstrip("_")
-        if name not in VIEW_OPS:
+        if name not in NO_KERNEL_OPS:
             frame = sys._getframe(1)
             zone, by_engine = caller_zone(frame)
             if by_engine:
