@@ -147,12 +147,19 @@ class BilevelEngine:
 
         self._close_cycle()
         batch = self.batches[objective]
-        set_regularization(self.module, (objective.level,), self.accumulation)
+        # The regularisers depend on the weights alone: the first micro-batch carries their whole
+        # gradient (as the reference adds them once per pass) and the others skip them, which saves
+        # (accumulation - 1) of their forward, recomputation and backward per pass (BiLoRA's R1: two
+        # Gram matrices per layer). Detached only after its backward, where checkpointing recomputes
+        # the forward as it ran.
+        set_regularization(self.module, (objective.level,))
         self.ds_engine.train()
         summed = torch.zeros((), dtype=torch.float64, device=self.ds_engine.device)
         for k, micro in enumerate(batch.micro_batches):
             loss, micro_sum = self.forward_loss(micro, batch.labelled_tokens)
             self.ds_engine.backward(loss)
+            if k == 0:
+                set_regularization(self.module, ())
             summed += micro_sum
             if k < len(batch.micro_batches) - 1:
                 self.ds_engine.step()  # inside the accumulation window: DeepSpeed only counts it

@@ -146,10 +146,11 @@ def set_regularization(model: nn.Module, levels: tuple[Level, ...], accumulation
     """Make every adapter layer add its regularisers of ``levels`` to the loss's gradient
     during its own forward/backward (see ``adapters.base._AttachRegularizer``).
 
-    Each layer's term is scaled by 1 / (layers x accumulation_steps): the layer runs once
-    per micro-batch, and the gradient must be that of ``regularizer(model, level)``, the
-    mean over layers, once per optimizer step. (DeepSpeed averages over ranks, where every
-    rank adds the same term.)
+    Each layer's term is scaled by 1 / (layers x accumulation_steps): attached for all of a
+    pass's ``accumulation_steps`` micro-batches, the gradient is that of
+    ``regularizer(model, level)``, the mean over layers, once per optimizer step. The engine
+    attaches them for the first micro-batch only (``accumulation_steps`` 1) and ``()`` after
+    its backward. (DeepSpeed averages over ranks, where every rank adds the same term.)
     """
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
