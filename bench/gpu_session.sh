@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything issue 13 measures on a GPU, in one device call that fits its 600 s limit:
 #
-#     bash bench/gpu_session.sh "$OUT"        # on the device machine; results under $OUT
+#     bash bench/gpu_session.sh "$OUT" [bench gpu options]   # on the device machine; results under $OUT
 #
 # 1. installs the carried wheels (.whl/, made here by ../shared/gpu/prepare_wheels.sh) when they
 #    are there: the GPU machine has torch, transformers and peft but not deepspeed or datasets;
@@ -12,7 +12,8 @@
 # Each step writes its own files, so a step cut short still leaves the earlier ones.
 # SMOKE=1: the same steps on CPU, small (tests/test_bench_gpu.py runs it so).
 set -u
-out=${1:?usage: bash bench/gpu_session.sh OUT_DIR}
+out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [bench gpu options]}
+shift
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
     mkdir -p /tmp/site
@@ -33,7 +34,7 @@ fi
 timeout 90 python3 -m bench adapter_layer "${layer[@]}" --count_ops --json "$out/adapter_layer.json" \
     > "$out/adapter_layer.txt" 2>&1
 timeout $(( ${GPU_BUDGET_S:-480} + 60 )) python3 -m bench gpu --out "$out" "${gpu[@]}" \
-    --budget_s "${GPU_BUDGET_S:-480}" > "$out/gpu.log" 2>&1
+    --budget_s "${GPU_BUDGET_S:-480}" "$@" > "$out/gpu.log" 2>&1
 status=$?
 rm -rf "$out"/runs "$out"/*.jsonl 2>/dev/null  # run folders and the generated data: large, not results
 cat "$out/gpu_card.csv" "$out/versions.txt" "$out/adapter_layer.txt" "$out/gpu.md" 2>/dev/null | tail -80

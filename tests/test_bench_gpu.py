@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,22 @@ def test_smoke_runs_peft_and_ours_in_one_launch(tmp_path):
     # the undetached row trained DoRA with its norm in the graph (what BiDoRA's pass computes)
     config = json.loads((tmp_path / "runs" / "zero2_dora_undetached" / "run_config.json").read_text())
     assert config["adapter"]["method"] == "dora" and config["adapter"]["detach_norm"] is False
+
+
+@pytest.mark.launcher
+def test_gpu_session_script_leaves_every_result_and_no_run_folder(tmp_path):
+    """bench/gpu_session.sh, the one device call of a GPU session, on CPU (SMOKE=1): the layer
+    benchmark with its op counts and bench gpu's tables come back; the run folders do not."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "bench/gpu_session.sh", str(out), "--stages", "2", "--configs", "lora",
+                             "--big_model", ""], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SMOKE": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    layers = {row["method"]: row for row in json.loads((out / "adapter_layer.json").read_text())["rows"]}
+    assert set(layers) == {"lora", "dora", "bilora_sam"}
+    # the fused node issues fewer ops than the plain autograd form (adapters/fused.py)
+    assert all(row["ops"]["fused"]["ops"] < row["ops"]["plain"]["ops"] for row in layers.values()), layers
+    rows = json.loads((out / "gpu.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["lora"] and rows[0]["tokens_per_s"] > 0
+    assert "| zero2 | lora |" in (out / "gpu.md").read_text() and (out / "versions.txt").read_text().strip()
+    assert not (out / "runs").exists() and not list(out.glob("*.jsonl"))
