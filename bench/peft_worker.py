@@ -40,28 +40,19 @@ def peft_model(run, method: str, ds_config: dict, vocab_size: int):
     return get_peft_model(model, config)
 
 
-def main(argv: list[str]) -> None:
+def peft_training(run, method: str, world_size: int, rank: int):
+    """PEFT's model trained through ``deepspeed.initialize`` (torch AdamW, transformers' schedule)
+    and the same batches as ours: (engine in train mode, BatchSource). bench/step_ops.py uses it too."""
     import deepspeed
-    import deepspeed.comm as dist
     import torch
     from transformers import get_scheduler
 
-    from ds_bilevel.config import load_config
     from ds_bilevel.data import load_records, tokenize
-    from ds_bilevel.distributed import release_shm_buffers
     from ds_bilevel.ds_config import fill_ds_config, read_ds_config
     from ds_bilevel.models import load_tokenizer
-    from ds_bilevel.outputs import peak_memory_per_rank
     from ds_bilevel.schedule import BatchSource
 
-    method, warmup = argv[argv.index("--peft_method") + 1], int(argv[argv.index("--warmup") + 1])
-    argv = [a for i, a in enumerate(argv) if a not in ("--peft_method", "--warmup")
-            and argv[i - 1] not in ("--peft_method", "--warmup")]
-    run = load_config(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(run.ds_config), run, world_size)
-    deepspeed.init_distributed()
-    rank = dist.get_rank()
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(run.model_name_or_path)
     train_set = tokenize(load_records(run.dataset, run.data, run.seed)[0], tokenizer, run.data)
@@ -73,6 +64,24 @@ def main(argv: list[str]) -> None:
     source = BatchSource(train_set, list(range(len(train_set))), run.global_batch_size(world_size),
                          run.micro_batch_size, rank, world_size, run.seed, tokenizer.pad_token_id)
     engine.train()
+    return engine, source
+
+
+def main(argv: list[str]) -> None:
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from ds_bilevel.config import load_config
+    from ds_bilevel.distributed import release_shm_buffers
+    from ds_bilevel.outputs import peak_memory_per_rank
+
+    method, warmup = argv[argv.index("--peft_method") + 1], int(argv[argv.index("--warmup") + 1])
+    argv = [a for i, a in enumerate(argv) if a not in ("--peft_method", "--warmup")
+            and argv[i - 1] not in ("--peft_method", "--warmup")]
+    run = load_config(argv)
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    engine, source = peft_training(run, method, int(os.environ.get("WORLD_SIZE", "1")), rank)
     tokens, start = 0, None
     for step in range(run.max_steps):
         if step == warmup:

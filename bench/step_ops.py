@@ -200,31 +200,13 @@ def count_ours(argv: list[str]) -> dict:
 
 def count_peft(argv: list[str], method: str) -> dict:
     """bench/peft_worker.py's set-up and loop (its model, optimizer, schedule and idiom)."""
-    import deepspeed
     from peft.tuners.lora import LoraLayer
-    from transformers import get_scheduler
 
-    from bench.peft_worker import peft_model
+    from bench.peft_worker import peft_training
     from ds_bilevel.config import load_config
-    from ds_bilevel.data import load_records, tokenize
-    from ds_bilevel.ds_config import fill_ds_config, read_ds_config
-    from ds_bilevel.models import load_tokenizer
-    from ds_bilevel.schedule import BatchSource
 
     run = load_config(argv)
-    world_size = int(os.environ["WORLD_SIZE"])
-    ds_config = fill_ds_config(read_ds_config(run.ds_config), run, world_size)
-    torch.manual_seed(run.seed)
-    tokenizer = load_tokenizer(run.model_name_or_path)
-    train_set = tokenize(load_records(run.dataset, run.data, run.seed)[0], tokenizer, run.data)
-    model = peft_model(run, method, ds_config, len(tokenizer))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate,
-                                  weight_decay=run.weight_decay)
-    scheduler = get_scheduler(run.lr_scheduler, optimizer, int(run.warmup_ratio * run.max_steps), run.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    source = BatchSource(train_set, list(range(len(train_set))), run.global_batch_size(world_size),
-                         run.micro_batch_size, int(os.environ["RANK"]), world_size, run.seed, tokenizer.pad_token_id)
-    engine.train()
+    engine, source = peft_training(run, method, int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
 
     def step(kind, batch):
         for micro in batch.micro_batches:
@@ -233,7 +215,7 @@ def count_peft(argv: list[str], method: str) -> dict:
             engine.step()
 
     result = count_cycles([[("inner", source.batch(i))] for i in range(1 + CYCLES)], step)
-    adapted = sum(isinstance(m, LoraLayer) for m in model.modules())
+    adapted = sum(isinstance(m, LoraLayer) for m in engine.module.modules())
     engine.destroy()
     return {**result, "inner_steps_per_cycle": 1, "adapted_layers": adapted}
 
