@@ -8,8 +8,9 @@ ZeRO-3 (ds_configs/zero2_bf16.json, zero3_bf16.json), each with PEFT LoRA and Do
 (bench/peft_worker.py), ours LoRA, DoRA, DoRA with its norm not detached (BiDoRA's own pass
 arithmetic), BiLoRA first_order, BiDoRA first_order and darts (T1 = 1) and Bi-LoRA on
 ``builtin:mid-llama``; the ZeRO-2 launch ends with ours LoRA on
-``builtin:llama-3-8b-shape`` (8.0B, vocabulary 128256), with the logits and with the loss inside
-the output head (``linear_cross_entropy``). bf16, activation checkpointing, r = 16
+``builtin:llama-3-8b-shape`` (8.0B, vocabulary 128256): with the logits, and with the loss inside
+the output head (``linear_cross_entropy``) with and without activation checkpointing
+(``BIG_VARIANTS``). bf16, activation checkpointing unless a row says otherwise, r = 16
 on all seven projections, micro batch ``--micro_batch`` of exactly ``--seq`` tokens (a generated
 JSONL file), one run each. The whole tree has ``--budget_s`` (default 540 s): configurations
 past it are recorded as skipped, not run. Writes DIR/gpu.json and DIR/gpu.md.
@@ -56,6 +57,16 @@ CONFIGS = {
 }
 PEER = {"lora": "peft lora", "dora": "peft dora"}
 BIG_ROW = "lora 8b-shape"
+BIG_VARIANTS = {
+    "": [],
+    # no recomputation: PaLM's MFU counts the same useful FLOPs for 4 N of work per token instead of 6 N
+    # (the frozen base needs no weight gradients); ~5 MB of activations per token at 8B, which one
+    # 80 GB card holds for a micro batch of 4 x 2048 once the loss is inside the head (no logits)
+    " linear_cross_entropy no checkpointing": ["--linear_cross_entropy", "true", "--gradient_checkpointing", "false"],
+    # the loss inside the output head: no (B, T, V) logits at 128256 tokens' vocabulary
+    " linear_cross_entropy": ["--linear_cross_entropy", "true"],
+}
+"""The 8B rows (ZeRO-2, ours LoRA), in the order they run: name suffix -> extra train.py flags."""
 
 
 def siblings(method: str) -> list[str]:
@@ -132,14 +143,11 @@ def plans(options, data: Path, out: Path, deadline: float) -> list[dict]:
             configs.append({"name": name, "kind": kind, "method": method, "model": options.model,
                             "argv": args + (method_args(method, hypergrad) + extra if kind == "ours" else [])})
         if options.big_model and stage == 2:
-            args = train_args(options, options.big_model, options.big_steps, stage, data, out / "runs" / "zero2_8b")
-            configs.append({"name": BIG_ROW, "kind": "ours", "method": "lora", "model": options.big_model,
-                            "argv": args + method_args("lora")})
-            # the same with the loss inside the output head: no (B, T, V) logits at 128256 tokens' vocabulary
-            args = train_args(options, options.big_model, options.big_steps, stage, data, out / "runs" / "zero2_8b_lce")
-            configs.append({"name": f"{BIG_ROW} linear_cross_entropy", "kind": "ours", "method": "lora",
-                            "model": options.big_model,
-                            "argv": args + method_args("lora") + ["--linear_cross_entropy", "true"]})
+            for suffix, extra in BIG_VARIANTS.items():
+                folder = "zero2_8b" + suffix.replace(" ", "_")
+                args = train_args(options, options.big_model, options.big_steps, stage, data, out / "runs" / folder)
+                configs.append({"name": BIG_ROW + suffix, "kind": "ours", "method": "lora",
+                                "model": options.big_model, "argv": args + method_args("lora") + extra})
         result.append({"group": f"zero{stage}", "stage": stage, "warmup": options.warmup, "deadline": deadline,
                        "configs": configs})
     return result

@@ -5,9 +5,10 @@ same ranks (``python -m bench gpu`` writes the plan and launches this once per Z
 
 Each configuration is either ours (launch/train.py's ``main`` with its flags, in process) or the
 PEFT peer (bench/peft_worker.py's ``main``). Between configurations the accelerator's peak-memory
-counter is reset, and each row's peak is reported above what was still allocated when it began
-(earlier configurations leave some: measured on an H100, each ds_bilevel run left about 1.5 GB),
-so each row's peak is its own (on CPU the peak resident set only grows: the smoke run's memory
+counter is reset, and each row's peak is reported above what was still allocated when it began,
+so each row's peak is its own (measured on an H100 before runs freed their engines,
+``distributed.destroy_engine``: each ds_bilevel run left its model, about 1.5 GB; what is left
+now is recorded as ``memory_left_by_earlier_configs_gb``) (on CPU the peak resident set only grows: the smoke run's memory
 column is the process's running maximum). Rank 0 prints one line per
 configuration, ``BENCH {json}``; a configuration that fails is recorded with its error and the
 next one runs. Past the plan's deadline (epoch seconds) the remaining ones are recorded as skipped.
@@ -76,8 +77,8 @@ def run_config(config: dict, warmup: int) -> dict:
 
     from bench.common import run_summary, steady_rate
 
-    # What earlier configurations of this process left allocated (DeepSpeed engines are not all
-    # freed): the peak counter starts there, so each row's peak is taken above it.
+    # What earlier configurations of this process left allocated (caches, anything not freed):
+    # the peak counter starts there, so each row's peak is taken above it.
     baseline_gb = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     started = time.perf_counter()
     captured = io.StringIO()

@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     import deepspeed.comm as dist
 
     from ds_bilevel.config import load_config
-    from ds_bilevel.distributed import release_shm_buffers
+    from ds_bilevel.distributed import destroy_engine, release_shm_buffers
     from ds_bilevel.outputs import peak_memory_per_rank
 
     method, warmup = argv[argv.index("--peft_method") + 1], int(argv[argv.index("--warmup") + 1])
@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
                           "timed_steps": run.max_steps - warmup, "peak_memory_gb_per_rank": peak,
                           "last_loss": loss.item()}))
     dist.barrier()
+    destroy_engine(engine)  # bench/gpu_worker.py runs the next configuration in this process: free the model
     release_shm_buffers()
 
 

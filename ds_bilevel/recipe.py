@@ -278,6 +278,12 @@ class TrainingRecipe:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def release(self) -> None:
+        """Free the engine (``BilevelEngine.close``), after a run or a failure; a no-op before setup made it."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
     def cleanup(self) -> None:
         import deepspeed.comm as dist
 

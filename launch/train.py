@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.rank == 0:
             print_summary(summary)  # summary.json holds every number (bench/ reads it there)
         recipe.cleanup()  # ends with a barrier: no collective follows
+        recipe.release()  # an in-process caller (bench/gpu_worker.py) trains again with the memory back
         if recipe.rank == 0:  # the record that the folder's files belong to one finished run, then unlock
             write_run_manifest(Path(run.output_dir), run_id)
             release_lock(Path(run.output_dir))
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         report(f"error: {failure_line(recipe.rank, error, getattr(recipe, 'heartbeat', None))}")
         return 1
     finally:
+        # After a failure only on one rank: DeepSpeed's destroy synchronizes the device, which would
+        # wait forever on a collective a dead peer left pending (docs/failures.md).
+        if getattr(recipe, "world_size", None) == 1:
+            recipe.release()
         release_shm_buffers()
     return 0
 

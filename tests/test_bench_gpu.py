@@ -69,6 +69,34 @@ def test_siblings_run_before_the_rows_compared_with_them(tmp_path):
     assert "--adapter.detach_norm" not in argv["dora"] and "--adapter.detach_norm" not in argv["bidora darts"]
 
 
+def test_8b_rows_close_zero2_and_compare_with_the_first(tmp_path):
+    """The 8B shape runs at the end of the ZeRO-2 launch only: with the logits, then the loss inside the
+    head without and with recomputation (the MFU target's candidate comes second, so a budget cut
+    keeps it); each variant's time and memory are read against the 8B logits row, at the 8B FLOPs."""
+    options = gpu.options_for(["--out", str(tmp_path), "--configs", "lora"])
+    zero2, zero3 = gpu.plans(options, tmp_path / "data.jsonl", tmp_path, deadline=0.0)
+    names = [config["name"] for config in zero2["configs"]]
+    assert names == ["lora", "lora 8b-shape", "lora 8b-shape linear_cross_entropy no checkpointing",
+                     "lora 8b-shape linear_cross_entropy"]
+    assert [config["name"] for config in zero3["configs"]] == ["lora"]
+    argv = {config["name"]: config["argv"] for config in zero2["configs"]}
+    no_ckpt = argv["lora 8b-shape linear_cross_entropy no checkpointing"]
+    assert no_ckpt[no_ckpt.index("--gradient_checkpointing") + 1] == "false"
+    assert no_ckpt[no_ckpt.index("--model_name_or_path") + 1] == "builtin:llama-3-8b-shape"
+    assert "--gradient_checkpointing" not in argv["lora 8b-shape linear_cross_entropy"]
+    assert len({a[a.index("--output_dir") + 1] for a in argv.values()}) == 4  # a run folder each
+    rows = [{"group": "zero2", "name": name, "tokens_per_s": tps, "s_per_step": 8192 / tps, "wall_s": 9.0,
+             "peak_memory_gb_per_rank": [gb]}
+            for name, tps, gb in [("lora", 20000.0, 5.0), ("lora 8b-shape", 7500.0, 35.0),
+                                  ("lora 8b-shape linear_cross_entropy no checkpointing", 10000.0, 70.0)]]
+    gpu.derive(rows, options, ranks=1)
+    mid, big, no_ckpt_row = rows
+    assert no_ckpt_row["time_vs_lora"] == pytest.approx(0.75) and no_ckpt_row["memory_vs_lora"] == pytest.approx(2.0)
+    assert "time_vs_lora" not in big and "time_vs_lora" not in mid
+    per_token = gpu.flops_per_token("builtin:llama-3-8b-shape", 2048)
+    assert no_ckpt_row["useful_mfu"] == pytest.approx(10000.0 * per_token / (gpu.H100_PEAK_TFLOPS * 1e12))
+
+
 def test_unknown_config_is_refused(capsys):
     with pytest.raises(SystemExit) as stop:
         gpu.options_for(["--out", "x", "--configs", "lora,qlora"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from launch_helpers import FAST_ARGS, REPO, launch
+from launch_helpers import FAST_ARGS, REPO, launch, run_script
 
 pytestmark = pytest.mark.launcher
 
@@ -40,3 +40,17 @@ def test_progress_metrics_tensorboard_and_plot(tmp_path):
     assert {"ds_bilevel/train_loss", "ds_bilevel/outer_loss", "ds_bilevel/eval_exact_match"} <= set(scalars)
     logged = [e.value for e in accumulator.Scalars("ds_bilevel/train_loss")]
     assert logged == pytest.approx([r["train_loss"] for r in rows if "train_loss" in r])
+
+
+@pytest.mark.launcher
+def test_a_finished_run_frees_its_engine_and_model(tmp_path):
+    """launch/train.py's main() run three times in one process, and PEFT's worker once (as bench/gpu_worker.py does): after
+    each, no DeepSpeed engine or model is left once the garbage collector has run, at ZeRO-2 and 3,
+    one-level, bi-level and Bi-LoRA. Without BilevelEngine.close the engine and its model outlive
+    the run (DeepSpeed's gradient hooks hold them from C++): on a GPU, a model's weights per run."""
+    run_script("engine_release.py", tmp_path, 1)
+    results = json.loads((tmp_path / "release.json").read_text())
+    for name in ("lora-zero2", "bidora-darts-zero3", "bilora_sam-zero2"):
+        assert results[name] == {"exit": 0, "engines": 0, "models": 0}, (name, results[name])
+    assert results["peft-lora-zero3"] == {"exit": None, "engines": 0, "models": 0}, results  # the PEFT peer too
+    assert results["lora-zero2-without-close"] == {"exit": 0, "engines": 1, "models": 1}, results
