@@ -8,8 +8,8 @@ PEFT peer (bench/peft_worker.py's ``main``). Between configurations the accelera
 counter is reset, and each row's peak is reported above what was still allocated when it began,
 so each row's peak is its own (measured on an H100 before runs freed their engines,
 ``distributed.destroy_engine``: each ds_bilevel run left its model, about 1.5 GB; what is left
-now is recorded as ``memory_left_by_earlier_configs_gb``) (on CPU the peak resident set only grows: the smoke run's memory
-column is the process's running maximum). Rank 0 prints one line per
+now is recorded as ``memory_left_by_earlier_configs_gb``). On CPU the peak resident set only
+grows: the smoke run's memory column is the process's running maximum. Rank 0 prints one line per
 configuration, ``BENCH {json}``; a configuration that fails is recorded with its error and the
 next one runs. Past the plan's deadline (epoch seconds) the remaining ones are recorded as skipped.
 """

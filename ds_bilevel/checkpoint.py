@@ -31,6 +31,8 @@ from ds_bilevel.files import sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 PARTIAL = ".partial"
+REPLACED = ".replaced"
+RNG_FILE = "rng_state_{rank}.pt"
 MANIFEST = "ds_bilevel_manifest.json"
 # What a checkpoint must share with a run that resumes it (``run_facts``): set by launch/train.py
 # before launch, written into every manifest, checked by ``check_fits`` before a resume launches.
@@ -61,6 +63,11 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
         shutil.rmtree(partial)  # left by a job killed while saving
     dist.barrier()
     with disk_full_named(partial):
+        # Each rank's own RNG state, in a file of its own (as HF Trainer's rng_state_<rank>): DeepSpeed
+        # writes the client state from rank 0 only, and ranks' generators differ (a CUDA dropout
+        # advances its generator by the size of the rank's batch).
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), partial / RNG_FILE.format(rank=rank))
         engine.save_checkpoint(str(folder), tag=partial.name, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)  # ends with a barrier: every rank's files are written
     with disk_full_named(partial):  # the manifest and the renames, rank 0
@@ -69,10 +76,18 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
                      for f in sorted(partial.rglob("*")) if f.is_file()}
             manifest = {"tag": tag_name, "files": files, "run": run_facts_of_this_run, **(manifest_extra or {})}
             write_atomically(partial / MANIFEST, json.dumps(manifest))
-            if final.exists():  # the same step saved again (a resume from an older checkpoint)
-                shutil.rmtree(final)
+            # The same step saved again (a resume from an older checkpoint): the old folder is moved
+            # aside, not deleted, until the new one is in place, so a kill between the two renames
+            # leaves a complete step<N> (and ``latest`` on it) rather than a ``latest`` naming nothing.
+            replaced = folder / (tag_name + REPLACED)
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            if final.exists():
+                os.replace(final, replaced)
             os.replace(partial, final)
             write_atomically(folder / "latest", tag_name)
+            if replaced.exists():
+                shutil.rmtree(replaced)
     dist.barrier()
     return final
 
@@ -139,33 +154,56 @@ def verify(folder: Path, checksums: bool = True) -> None:
 
 # What each fact of run_facts is called in an error line, and what a resume must keep.
 FACT_NAMES = {"zero_stage": "zero_optimization.stage", "world_size": "world size", "bf16": "bf16.enabled",
-              "model": "base model (model_name_or_path, seed)"}
+              "model": "base model (model_name_or_path, seed)", "global_batch_size": "global batch size "
+              "(micro_batch_size x gradient_accumulation_steps x world size)", "dataset": "dataset (its name and "
+              "bytes)", "split_ratio": "bilevel.split_ratio"}
+
+
+def dataset_identity(name: str) -> str:
+    """A data file's name and sha256 (a file edited between launches is another dataset); a builtin's,
+    a folder's or a hub dataset's name."""
+    from ds_bilevel.files import sha256_file
+
+    path = Path(name)
+    return f"{name} sha256 {sha256_file(path)[:16]}" if path.is_file() else name
 
 
 def run_facts(run, ds_config: dict, world_size: int) -> dict:
     """What a checkpoint must share with the run that resumes it (saved in its manifest): the
-    adapter settings (method, ranks, targets, ...), ZeRO stage, precision, world size and the base
-    model's fingerprint (files.model_fingerprint)."""
+    adapter settings (method, ranks, targets, ...), ZeRO stage, precision, world size, the base
+    model's fingerprint (files.model_fingerprint), and what decides which examples each step of
+    the schedule reads: the data and its settings, the seed, the D1/D2 split and the global batch
+    (the batch order is a function of the step; with another of these the steps after the
+    checkpoint would read other examples, some again, some never). The learning rate and the
+    hypergradient's settings may change."""
     import dataclasses
 
+    from ds_bilevel.adapters.registry import method
     from ds_bilevel.ds_config import zero_stage
     from ds_bilevel.files import model_fingerprint
+    from ds_bilevel.levels import TrainingMode
 
-    return {"adapter": dataclasses.asdict(run.adapter), "zero_stage": zero_stage(ds_config),
-            "bf16": bool(ds_config.get("bf16", {}).get("enabled")), "world_size": world_size,
-            "model": model_fingerprint(run.model_name_or_path, run.seed)}
+    facts = {"adapter": dataclasses.asdict(run.adapter), "zero_stage": zero_stage(ds_config),
+             "bf16": bool(ds_config.get("bf16", {}).get("enabled")), "world_size": world_size,
+             "model": model_fingerprint(run.model_name_or_path, run.seed),
+             "dataset": dataset_identity(run.dataset), "data": dataclasses.asdict(run.data), "seed": run.seed,
+             "global_batch_size": run.global_batch_size(world_size)}
+    if method(run.adapter.method).training_mode is TrainingMode.BILEVEL:  # the only mode with a D1/D2 split
+        facts["split_ratio"] = run.bilevel.split_ratio
+    return facts
 
 
 def check_fits(folder: Path, facts: dict) -> None:
     """Refuse to resume the checkpoint in ``folder`` into a run that differs in one of run_facts:
-    one line listing every difference. Checkpoints saved before the manifest held them: not checked."""
+    one line listing every difference. Facts a checkpoint was saved without (an older version):
+    not checked."""
     saved = read_manifest(folder).get("run") or {}
     differences = []
     for key, wanted in facts.items():
         if key not in saved or saved[key] == wanted:
             continue
-        if key == "adapter" and isinstance(saved[key], dict):
-            differences += [f"adapter.{name} {saved[key][name]!r} (this run: {value!r})"
+        if isinstance(wanted, dict) and isinstance(saved[key], dict):  # adapter.*, data.*
+            differences += [f"{key}.{name} {saved[key][name]!r} (this run: {value!r})"
                             for name, value in wanted.items() if name in saved[key] and saved[key][name] != value]
         elif key == "model":
             differences.append(f"the base model (fingerprint {saved[key]}; this run's {wanted}: another "
@@ -225,6 +263,10 @@ def resolve(resume_from: str, output_dir: Path, checksums: bool = False) -> tupl
     folder = output_dir / CHECKPOINT_DIR if resume_from == "latest" else Path(resume_from)
     if (folder / "latest").is_file():
         tag_name = (folder / "latest").read_text().strip()
+        if not (folder / tag_name).is_dir() and (folder / (tag_name + PARTIAL) / MANIFEST).is_file():
+            # killed between the two renames of a step saved again (``save``): the new checkpoint is
+            # complete (its manifest is written last) and only its rename is missing
+            tag_name += PARTIAL
         verify(folder / tag_name, checksums)
         return folder, tag_name
     if folder.is_dir() and any(folder.glob("*model_states.pt")):
@@ -239,6 +281,15 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def saved_rng_state(folder: Path, rank: int, client_state: dict) -> dict:
+    """This rank's RNG state in the checkpoint ``folder``: its own file, or for a checkpoint saved
+    before there was one, the client state's (rank 0's, which every rank then took)."""
+    path = folder / RNG_FILE.format(rank=rank)
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    return client_state["rng"]
 
 
 def set_rng_state(state: dict) -> None:

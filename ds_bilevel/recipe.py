@@ -229,9 +229,10 @@ class TrainingRecipe:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, state: Progress) -> None:
-        """DeepSpeed's checkpoint (collective) with the progress, the engine's state and the RNG."""
+        """DeepSpeed's checkpoint (collective) with the progress and the engine's state; each rank's RNG
+        state goes into a file of its own (checkpoint.save)."""
         check_finite(level_values(self.engine.module))
-        client = {**state.client_state(), **self.engine.state_dict(), "rng": checkpoint.rng_state()}
+        client = {**state.client_state(), **self.engine.state_dict()}
         # The manifest records the schedule, so that a resume into another one is refused before launch.
         schedule = {"schedule": checkpoint.schedule_fields(self.engine.mode, self.run),
                     "position": state.position, "inner_done": state.inner_done}
@@ -242,7 +243,8 @@ class TrainingRecipe:
         load_dir, tag = checkpoint.resolve(self.run.resume_from_checkpoint, self.output_dir)
         state = self.engine.load_checkpoint(load_dir, tag)["ds_bilevel"]
         self.engine.load_state_dict({key: state.pop(key) for key in ("scheduler", "nonfinite")}, state["inner_done"])
-        checkpoint.set_rng_state(state.pop("rng"))
+        checkpoint.set_rng_state(checkpoint.saved_rng_state(load_dir / tag, self.rank, state))
+        state.pop("rng", None)  # rank 0's, in a checkpoint saved before each rank had its own file
         if self.rank == 0:
             # The lines a stopped launch wrote after this checkpoint are written again from here on:
             # the file then holds the lines of a run that never stopped (issue 18).

@@ -50,10 +50,23 @@ def check_output_dir(run: RunConfig) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output_dir: {existing} is not writable by this user, so {out} cannot be written")
     contents = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if contents and resumes_from_elsewhere(run) and not run.overwrite_output_dir:
+        raise ValueError(f"output_dir: {out} holds another run and resume_from_checkpoint {run.resume_from_checkpoint} "
+                         f"is not in it; resume into an empty output_dir, or pass --overwrite_output_dir true to "
+                         f"replace that run")
     if contents and not (run.overwrite_output_dir or run.resume_from_checkpoint):
         raise ValueError(f"output_dir: {out} is not empty; choose another, resume with "
                          f"--resume_from_checkpoint latest, or pass --overwrite_output_dir true")
     refuse_if_locked(out)
+
+
+def resumes_from_elsewhere(run: RunConfig) -> bool:
+    """A resume from a checkpoint outside output_dir (another run's): output_dir's own files are then
+    not that run's, and resuming into them would mix two runs' adapters, metrics and summary."""
+    if not run.resume_from_checkpoint or run.resume_from_checkpoint == "latest":
+        return False
+    source, out = Path(run.resume_from_checkpoint).resolve(), Path(run.output_dir).resolve()
+    return source != out and out not in source.parents
 
 
 def check_resume(run: RunConfig, ds_config: dict, world_size: int) -> None:
@@ -109,7 +122,7 @@ def claim_output_dir(run: RunConfig, run_id: str) -> None:
 
     out = Path(run.output_dir)
     take_lock(out, run_id)
-    if run.overwrite_output_dir and not run.resume_from_checkpoint:
+    if run.overwrite_output_dir and (not run.resume_from_checkpoint or resumes_from_elsewhere(run)):
         clear_run_outputs(out)
     else:
         (out / RUN_MANIFEST).unlink(missing_ok=True)

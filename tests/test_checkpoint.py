@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
 import torch
-from launch_helpers import launch, run_summary, write_ds_config
+from launch_helpers import launch, run_script, run_summary, write_ds_config
 from safetensors.torch import load_file
 
 from ds_bilevel.checkpoint import resolve
@@ -20,12 +21,21 @@ SMALL = ["--model_name_or_path", "builtin:micro-llama", "--data.train_size", "64
 
 @pytest.mark.parametrize(("stage", "method", "extra", "save_steps"), [
     (2, "bidora", ["--hypergrad", "darts", "--gradient_accumulation_steps", "2"], 3),
-    (3, "bilora_sam", [], 3),
+    # dropout draws from each rank's own generator as many numbers as its batches hold, which differ in
+    # length (VARIED): a resume must give every rank back its own state (rank 0's for all made this differ)
+    (3, "bilora_sam", ["--adapter.dropout", "0.1", "--dataset", "VARIED"], 3),
     # 6 bi-level steps then 3 of retraining; the checkpoint at 8 lies inside the retraining phase
     (2, "bidora", ["--hypergrad", "first_order", "--bilevel.retrain_steps", "3"], 4),
 ])
 def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_steps):
     config = write_ds_config(tmp_path, stage, bf16=False)
+    if "VARIED" in extra:  # prompts of 1 to 40 words: micro-batches of other lengths on each rank
+        rng = random.Random(0)
+        words = ["red", "blue", "green", "one", "two"]
+        rows = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 40))),
+                 "response": rng.choice(["yes", "no"])} for _ in range(80)]
+        (tmp_path / "varied.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        extra = [str(tmp_path / "varied.jsonl") if arg == "VARIED" else arg for arg in extra]
     common = ["--ds_config", str(config), "--method", method, *SMALL, *extra]
     full = tmp_path / "full"
     result = launch([*common, "--output_dir", str(full), "--save_steps", str(save_steps)])
@@ -110,3 +120,16 @@ def test_resume_from_a_missing_checkpoint_is_refused(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: resume_from_checkpoint:")
+
+
+def test_every_rank_resumes_with_its_own_rng_state(tmp_path):
+    """DeepSpeed writes the client state from rank 0 only: each rank's generator state is a file of
+    its own in the checkpoint (and in its manifest), and a resume gives each rank its own back, not
+    rank 0's (before, rank 1 took rank 0's: the dropout masks of a resumed GPU run differed)."""
+    run_script("rank_rng_resume.py", tmp_path / "rng.json", 2)
+    result = json.loads((tmp_path / "rng.json").read_text())
+    assert result["restored"] == [True, True], result
+    assert {"rng_state_0.pt", "rng_state_1.pt", "ds_bilevel_manifest.json"} <= set(result["files"]), result
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step1" / "ds_bilevel_manifest.json").read_text())
+    assert {"rng_state_0.pt", "rng_state_1.pt"} <= set(manifest["files"])
+    assert not [name for name in result["checkpoints"] if name.endswith((".partial", ".replaced"))], result

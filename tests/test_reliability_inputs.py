@@ -107,6 +107,10 @@ RESUME_MISMATCH = [
     ("world-size", ["WORLD_SIZE=2"], "world size 1 (this run: 2)"),
     ("max-steps-below", ["--max_steps", "1"], "max_steps 2 -> 1"),
     ("model", ["--seed", "1"], "the base model (fingerprint"),
+    # what decides which examples each step after the checkpoint reads
+    ("global-batch", ["--micro_batch_size", "2"], "global batch size (micro_batch_size x"),
+    ("train-size", ["--data.train_size", "48"], "data.train_size 64 (this run: 48)"),
+    ("max-length", ["--data.max_length", "16"], "data.max_length 64 (this run: 16)"),
 ]
 
 
@@ -129,6 +133,48 @@ def test_a_resume_that_fits_starts(train, finished, tmp_path, no_training):
         train.main([*RUN, "--max_steps", "4", "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
     assert "run_manifest.json" not in no_training["files"]  # the folder is no longer a finished run
     assert "ds_bilevel.lock" in no_training["files"]
+
+
+def test_a_resume_with_the_same_global_batch_split_otherwise_starts(train, finished, tmp_path, no_training):
+    """Micro batch 2 x accumulation 4 reads the same examples per step as 4 x 2 (the run's): allowed."""
+    out = copy_run(finished, tmp_path)
+    with pytest.raises(Started):
+        train.main([*RUN, "--micro_batch_size", "2", "--gradient_accumulation_steps", "4", "--max_steps", "4",
+                    "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+
+
+def test_an_edited_data_file_is_refused_on_resume(train, tmp_path, capsys, no_training):
+    """A data file changed between launches is another dataset: its sha256 is in the checkpoint's facts."""
+    from ds_bilevel.builtin.task import make_split
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_split(seed=0, size=80)))
+    out = tmp_path / "run"
+    argv = [*RUN, "--dataset", str(data), "--data.eval_size", "8", "--output_dir", str(out)]
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *argv], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    data.write_text(data.read_text() + json.dumps(make_split(seed=1, size=1)[0]) + "\n")  # one row more
+    refused(train, [*argv, "--max_steps", "4", "--resume_from_checkpoint", "latest"], capsys,
+            "resume_from_checkpoint: ", out, "dataset (its name and bytes)")
+
+
+def test_a_resume_from_another_runs_checkpoint_into_a_run_folder(train, finished, tmp_path, capsys, no_training):
+    """Resuming another folder's checkpoint into a folder that holds a run would overwrite its adapters and
+    summary and mix two runs' metrics: refused, folder unchanged; with --overwrite_output_dir the old run goes
+    first; into an empty folder it starts."""
+    other = copy_run(finished, tmp_path / "other")
+    checkpoint = str(finished / "checkpoints" / "step2")
+    refused(train, [*RUN, "--output_dir", str(other), "--resume_from_checkpoint", checkpoint], capsys,
+            "output_dir: ", other, "holds another run and resume_from_checkpoint")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(Started):
+        train.main([*RUN, "--max_steps", "4", "--output_dir", str(other), "--resume_from_checkpoint", checkpoint,
+                    "--overwrite_output_dir", "true"])
+    assert no_training["files"] == ["ds_bilevel.lock", "notes.txt"]  # the old run's files, checkpoints too
+    with pytest.raises(Started):
+        train.main([*RUN, "--max_steps", "4", "--output_dir", str(tmp_path / "empty"),
+                    "--resume_from_checkpoint", checkpoint])
 
 
 def flip_bytes(path: Path) -> None:

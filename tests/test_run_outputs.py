@@ -44,10 +44,11 @@ def test_progress_metrics_tensorboard_and_plot(tmp_path):
 
 @pytest.mark.launcher
 def test_a_finished_run_frees_its_engine_and_model(tmp_path):
-    """launch/train.py's main() run three times in one process, and PEFT's worker once (as bench/gpu_worker.py does): after
-    each, no DeepSpeed engine or model is left once the garbage collector has run, at ZeRO-2 and 3,
-    one-level, bi-level and Bi-LoRA. Without BilevelEngine.close the engine and its model outlive
-    the run (DeepSpeed's gradient hooks hold them from C++): on a GPU, a model's weights per run."""
+    """launch/train.py's main() run three times in one process, and PEFT's worker once (as
+    bench/gpu_worker.py does): after each, no DeepSpeed engine or model is left once the garbage
+    collector has run, at ZeRO-2 and 3, one-level, bi-level and Bi-LoRA. Without BilevelEngine.close
+    the engine and its model outlive the run (DeepSpeed's gradient hooks hold them from C++): on a
+    GPU, a model's weights per run."""
     run_script("engine_release.py", tmp_path, 1)
     results = json.loads((tmp_path / "release.json").read_text())
     for name in ("lora-zero2", "bidora-darts-zero3", "bilora_sam-zero2"):

@@ -39,7 +39,8 @@ def main(out: Path) -> None:
         if name.endswith("without-close"):
             BilevelEngine.close = lambda self: None
         argv = ["--model_name_or_path", "builtin:micro-llama", "--data.train_size", "32", "--data.eval_size", "4",
-                "--micro_batch_size", "2", "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(out / name), *flags]
+                "--micro_batch_size", "2", "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(out / name),
+                *flags]
         if name.startswith("peft"):
             from bench import peft_worker
 
