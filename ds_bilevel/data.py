@@ -52,7 +52,8 @@ class DataConfig:
     hub_split: str = "train"
     """Split to read when ``dataset`` is a hub dataset name rather than a local file."""
     max_length: int = 64
-    """Prompt + response tokens are truncated to this length (the prompt is cut first)."""
+    """Prompt + response tokens are truncated to this length (the prompt is cut first); at most the
+    model's learned positions (GPT-2, OPT, BERT, RoBERTa)."""
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -99,7 +100,8 @@ def read_file_or_hub(dataset: str, config: DataConfig, setting: str = "dataset")
             raise ValueError(f"{setting}: file {dataset!r} does not exist")
         if path.stat().st_size == 0:
             raise ValueError(f"{setting}: file {dataset!r} is empty; allowed: a file holding examples")
-        load = partial(load_dataset, FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+        load = (partial(read_csv_as_written, path) if path.suffix == ".csv"
+                else partial(load_dataset, FILE_LOADERS[path.suffix], data_files=str(path), split="train"))
     elif "/" in dataset and not path.exists():  # owner/name on the hub (needs network access)
         load = partial(load_dataset, dataset, split=config.hub_split)
     else:
@@ -116,6 +118,37 @@ def read_file_or_hub(dataset: str, config: DataConfig, setting: str = "dataset")
     return to_prompt_response(records, config, dataset, setting)
 
 
+def read_csv_as_written(path: Path):
+    """A CSV file with every cell the text it holds. pandas' type guessing would make answers such
+    as None, NA, null or nan nulls (the file refused) and rewrite number-like ones (007 -> 7.0,
+    1e3 -> 1000.0, True -> a boolean), so that training would see other text than the file's.
+    Only an empty cell is null (refused in a required field, check_field_values); integer
+    labels become class ids in ``integer_labels``. The header is read by the same parser, so
+    the column names are those datasets gives."""
+    import pandas as pd
+    from datasets import Features, Value, load_dataset
+
+    columns = pd.read_csv(path, nrows=0).columns
+    return load_dataset("csv", data_files=str(path), split="train", keep_default_na=False, na_values=[""],
+                        features=Features({str(name): Value("string") for name in columns}))
+
+
+def integer_labels(records, name: str):
+    """A CSV label column whose every cell is an integer (0, 1, 007, +3) as int class ids, as a
+    JSON file's integers are; any other column (True/False, pos/neg, 0.5) keeps its text as
+    label names. Empty cells stay null (refused by check_field_values)."""
+    import pyarrow.compute as pc
+    from datasets import Value
+
+    column = records.data.table.column(name)
+    if column.null_count == len(column) or not pc.all(pc.match_substring_regex(column, r"^[+-]?\d+$")).as_py():
+        return records
+    features = records.features.copy()
+    features[name] = Value("int64")
+    return records.map(lambda batch: {name: [None if v is None else int(v) for v in batch[name]]}, batched=True,
+                       features=features, desc="labels")
+
+
 def to_prompt_response(records, config: DataConfig, source: str, setting: str = "dataset"):
     """Check the configured fields exist and map them to ``prompt`` / ``response`` columns."""
     instruction = config.format == "instruction"
@@ -127,9 +160,11 @@ def to_prompt_response(records, config: DataConfig, source: str, setting: str = 
                              f"{records.column_names}")
     if len(records) == 0:
         raise ValueError(f"{setting}: {source} holds no example")
+    csv = Path(source).suffix == ".csv"
+    if csv and not instruction:
+        records = integer_labels(records, fields[1])
     for key, name in zip(keys, fields, strict=True):
-        check_field_values(records, key, name, source, text=instruction or key == "text_field",
-                           numbers_are_text=Path(source).suffix == ".csv")
+        check_field_values(records, key, name, source, text=instruction or key == "text_field", csv=csv)
     if instruction:
         check_something_to_learn(records, fields[1], source)
     names = config.label_names
@@ -162,10 +197,10 @@ def _kind(value) -> str:
     return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def check_field_values(records, key: str, name: str, source: str, text: bool, numbers_are_text: bool) -> None:
+def check_field_values(records, key: str, name: str, source: str, text: bool, csv: bool = False) -> None:
     """Refuse values that are not text (``text``) or not a label (an integer or a string, one kind
-    throughout): null, lists, objects, numbers (but in a CSV file, which has no types), mixed
-    kinds. One line naming the setting, the field, how many rows and the first one (from 1)."""
+    throughout): null (in a CSV file, read as written, an empty cell), lists, objects, numbers,
+    mixed kinds. One line naming the setting, the field, how many rows and the first one (from 1)."""
     import pyarrow as pa
 
     column = records.data.table.column(name)
@@ -173,8 +208,7 @@ def check_field_values(records, key: str, name: str, source: str, text: bool, nu
         return  # the common case, without a pass over the values
     values = records[name]
     if text:
-        allowed = ("text", "a number") if numbers_are_text else ("text",)
-        bad = [(i, v) for i, v in enumerate(values) if _kind(v) not in allowed]
+        bad = [(i, v) for i, v in enumerate(values) if _kind(v) != "text"]
         wanted = "text (a string)"
     else:
         kinds = {_kind(v) for v in values if _kind(v) in ("text", "a number")}
@@ -189,7 +223,8 @@ def check_field_values(records, key: str, name: str, source: str, text: bool, nu
         wanted = "a label (an integer class id or a string)"
     if bad:
         first, value = bad[0]
-        raise ValueError(f"data.{key}: {name!r} in {source} is {_kind(value)} ({str(value)[:40]!r}) in "
+        what = "an empty cell" if csv and value is None else f"{_kind(value)} ({str(value)[:40]!r})"
+        raise ValueError(f"data.{key}: {name!r} in {source} is {what} in "
                          f"{len(bad)} of {len(values)} rows (first at row {first + 1}, counting from 1); allowed: "
                          f"{wanted} in every row")
 

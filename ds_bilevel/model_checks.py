@@ -1,11 +1,12 @@
-"""Checks before launch of the model: its targets and ranks, its folder's config.json and weights,
-and its tokenizer. ``validation.check_run`` calls them after the settings and the data checks.
+"""Checks before launch of the model: its targets and ranks, data.max_length against its learned
+positions, its folder's config.json and weights, and its tokenizer. ``validation.check_run``
+calls them after the settings and the data checks.
 
 The model is read as a skeleton on the meta device (no weight is read or allocated, so a 70B
 folder costs a config read): accelerate's ``init_empty_weights`` around transformers' class for a
 folder, and for a builtin LLaMA its module tree built here (``builtin_llama_skeleton``), so that a
 bad adapter setting is refused without importing transformers' modelling code (issue 13). Each
-check raises ``ValueError("model_name_or_path: ...")`` or names the adapter setting.
+check raises ``ValueError("model_name_or_path: ...")`` or names the adapter or data setting.
 """
 
 from __future__ import annotations
@@ -140,9 +141,50 @@ def check_model(run: RunConfig) -> bool:
 
         skeleton = encoder
         target_layer_names(encoder, run.adapter, exclude=head_names(encoder))
+    check_max_length(run.data.max_length, getattr(skeleton, "config", None), run.model_name_or_path)
     if not builtin:
         check_model_weights(Path(run.model_name_or_path), skeleton, base_only=encoder is not None)
     return encoder is not None
+
+
+# model_type -> where its learned (or fixed sinusoidal) position table starts: "pad" after the pad
+# id (RoBERTa's position ids count from pad_token_id + 1), 0 at the first row. Each checked with a
+# forward of a tiny model at the limit and one token past it (transformers 5.24). Not listed: rotary,
+# ALiBi or relative positions (LLaMA, Mistral, GPT-NeoX, Falcon, BLOOM, ModernBERT, ...), which have
+# no table to run past.
+LEARNED_POSITIONS = {
+    **dict.fromkeys(("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "roberta-prelayernorm",
+                     "xmod", "ibert", "mpnet", "longformer"), "pad"),
+    **dict.fromkeys(("bert", "megatron-bert", "distilbert", "albert", "electra", "mobilebert", "convbert", "deberta",
+                     "deberta-v2", "xlm", "flaubert", "gpt2", "gpt_neo", "gpt_bigcode", "biogpt", "opt", "bart",
+                     "mbart", "ctrl"), 0),
+}
+
+
+def position_limit(config) -> int | None:
+    """The most tokens a model's position table holds, read from its config (no weights), or None
+    when its positions are computed. A longer sequence indexes past the table: a crash in the
+    first forward ("index 132 is out of bounds"), after the run has started and locked its folder."""
+    start = LEARNED_POSITIONS.get(getattr(config, "model_type", None))
+    if start is None:
+        return None
+    if config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None  # DeBERTa-v3: relative attention only, no absolute table
+    if start == "pad":
+        start = (config.pad_token_id if config.pad_token_id is not None else 1) + 1
+    return config.max_position_embeddings - start
+
+
+def check_max_length(max_length: int, config, name: str) -> None:
+    """data.max_length within the model's learned positions (position_limit); ``config`` None (a
+    builtin LLaMA's skeleton: rotary) is not limited."""
+    limit = None if config is None else position_limit(config)
+    if limit is None or max_length <= limit:
+        return
+    rows = config.max_position_embeddings
+    offset = f" less pad_token_id {rows - limit - 1} + 1" if rows > limit else ""
+    raise ValueError(f"data.max_length: {max_length} exceeds {name}'s {limit} learned positions (model_type "
+                     f"{config.model_type}: max_position_embeddings {rows}{offset}); allowed: at most {limit}")
 
 
 def check_config_json(folder: Path) -> None:

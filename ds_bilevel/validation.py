@@ -15,7 +15,8 @@ what needs several settings, the DeepSpeed config or the data:
 - the data, read with ``data.py``'s loaders: the file loads, the fields exist, the training,
   evaluation, D1 and D2 sets are non-empty and each holds at least one global batch;
 - the model (model_checks.py): every target module exists and every rank fits every targeted
-  layer, a folder's weights are whole, the tokenizer has what the data code needs;
+  layer, data.max_length fits a learned position table, a folder's weights are whole, the
+  tokenizer has what the data code needs;
 - the launch: NVMe offload's async I/O, the master port, stale op-build locks.
 
 Cheapest first (issue 13): a refusal that needs neither the data file nor transformers comes

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from datasets import Dataset
 
 from ds_bilevel.data import IGNORE_INDEX, DataConfig, GlobalBatchOrder, collate, load_records, tokenize
 from ds_bilevel.models import load_tokenizer
@@ -135,3 +136,129 @@ def test_a_tokenizer_without_eos_is_refused_before_launch_for_a_causal_lm(tmp_pa
     with pytest.raises(ValueError, match=r"^model_name_or_path: the tokenizer in .* has no eos_token, which a causal "
                                          r"LM's answers end with; allowed: .*eos_token"):
         check_run(run, 1)
+
+
+# ---- a CSV's cells are read as written (no type guessing) ------------------------------------------
+def csv_file(path, header: str, rows: list[str]) -> str:
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+def all_rows(dataset: str, config: DataConfig) -> list[dict]:
+    """Every record training and evaluation read, in the file's order (the split shuffles them)."""
+    train, evaluation = load_records(dataset, config, seed=0)
+    return sorted([*train, *evaluation], key=lambda row: int(row["prompt"].split()[-1]))
+
+
+NULL_WORDS = ["None", "NA", "null", "nan", "NaN", "N/A", "n/a", "NULL", "#N/A", "-nan", "<NA>", "4"]  # pandas' nulls
+NUMBERS = ["007", "0.50", "1e3", "02139", "-0", "+3", "3.14159265358979323846", "1.", "-.5"]  # pandas: floats
+INTEGERS = ["007", "-0", "+3", "02139"]  # pandas: integers
+NUMBER_LIKE = ["0x1F", "1_000", "inf", "-Infinity", "1e3", "12345678901234567890"]
+BOOLEANS = ["True", "False", "true", "FALSE", "TRUE", "false"]  # pandas: booleans
+
+
+@pytest.mark.parametrize(("cells", "answers"), [
+    (NULL_WORDS, NULL_WORDS), (NUMBERS, NUMBERS), (INTEGERS, INTEGERS), (NUMBER_LIKE, NUMBER_LIKE),
+    (BOOLEANS, BOOLEANS),
+    (['"None"', '"1,000"', '" spaced "', '"say ""NA"""'], ["None", "1,000", " spaced ", 'say "NA"']),  # CSV quoting
+], ids=["null-words", "numbers", "integers", "number-like", "booleans", "quoted"])
+def test_csv_answers_are_the_files_text(tmp_path, cells, answers):
+    """pandas' guessing made None/NA/null/nan nulls (the file refused: "is null ('None') in 20 of 30
+    rows") and rewrote 007, 0.50, 1e3, 02139 as 7.0, 0.5, 1000.0, 2139.0: training saw other answers."""
+    from ds_bilevel.data import read_file_or_hub
+
+    path = csv_file(tmp_path / "answers.csv", "prompt,response",
+                    [f"question {i},{cells[i % len(cells)]}" for i in range(30)])
+    expected = [{"prompt": f"question {i}", "response": answers[i % len(answers)]} for i in range(30)]
+    assert all_rows(path, DataConfig(eval_size=3)) == expected
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    records = read_file_or_hub(path, DataConfig())
+    labels = tokenize(records, tokenizer, DataConfig(max_length=512))["labels"]
+    for answer, row in zip([answers[i % len(answers)] for i in range(30)], labels, strict=True):
+        assert [t for t in row if t != IGNORE_INDEX] == tokenizer(answer, add_special_tokens=False).input_ids + [
+            tokenizer.eos_token_id]
+
+
+def test_the_reviewers_csv_files_read_as_written(tmp_path):
+    """The review's two files: a prompt with commas in quotes, answers None/NA/4; answers 007 0.50 1e3 02139."""
+    from ds_bilevel.data import read_file_or_hub
+
+    prompts = ["Is there a prime among 4, 6, 8? Answer with the prime or None.", "Abbreviation for not applicable?",
+               "What is 2+2?"]
+    path = csv_file(tmp_path / "answers.csv", "prompt,response",
+                    [f'"{p}",{r}' for p, r in zip(prompts, ["None", "NA", "4"], strict=True)] * 10)
+    records = read_file_or_hub(path, DataConfig())
+    assert records[:3] == {"prompt": prompts, "response": ["None", "NA", "4"]}
+    assert sorted(set(records["response"])) == ["4", "NA", "None"] and len(records) == 30
+    path = csv_file(tmp_path / "numbers.csv", "prompt,response",
+                    [f"q{i},{r}" for i, r in enumerate(["007", "0.50", "1e3", "02139"] * 5)])
+    assert read_file_or_hub(path, DataConfig())["response"] == ["007", "0.50", "1e3", "02139"] * 5
+
+
+@pytest.mark.parametrize(("labels", "names", "responses", "classes"), [
+    (["False", "True"], [], ["False", "True"], ["False", "True"]),  # names, not booleans
+    (["True", "False"], ["True", "False"], ["True", "False"], ["True", "False"]),  # in label_names order
+    (["0", "1"], ["neg", "pos"], ["neg", "pos"], ["neg", "pos"]),  # integers: class ids, named
+    (["0", "1", "2"], [], ["0", "1", "2"], ["0", "1", "2"]),
+    (["pos", "neg", "007"], [], ["pos", "neg", "007"], ["007", "neg", "pos"]),  # one text label: all are names
+    (["0.0", "1.0"], [], ["0.0", "1.0"], ["0.0", "1.0"]),
+    (["NA", "None"], [], ["NA", "None"], ["NA", "None"]),
+], ids=["bool-words", "bool-named", "ints-named", "ints", "mixed", "floats", "null-words"])
+def test_csv_labels(tmp_path, labels, names, responses, classes):
+    from ds_bilevel.data import class_labels
+
+    path = csv_file(tmp_path / "cls.csv", "text,label", [f"item {i},{labels[i % len(labels)]}" for i in range(30)])
+    config = DataConfig(format="classification", eval_size=3, label_names=names)
+    rows = all_rows(path, config)
+    assert [row["response"] for row in rows] == [responses[i % len(responses)] for i in range(30)]
+    integers = all(label.isdigit() for label in labels)
+    assert [row["label"] for row in rows] == [int(x) if integers else x for x in (labels * 30)[:30]]
+    assert class_labels(config, Dataset.from_list(rows)) == classes
+
+
+@pytest.mark.parametrize(("header", "row", "message"), [
+    ("prompt,response", "question 5,", "data.response_field: 'response' in {path} is an empty cell in 3 of 30 rows "
+     "(first at row 6, counting from 1); allowed: text (a string) in every row"),
+    ("prompt,response", ',"answer 5"', "data.prompt_field: 'prompt' in {path} is an empty cell in 3 of 30 rows "
+     "(first at row 6, counting from 1); allowed: text (a string) in every row"),
+    ("text,label", "item 5,", "data.label_field: 'label' in {path} is an empty cell in 3 of 30 rows (first at row "
+     "6, counting from 1); allowed: a label (an integer class id or a string) in every row"),
+    ("text,label", '"",1', "data.text_field: 'text' in {path} is an empty cell in 3 of 30 rows (first at row 6, "
+     "counting from 1); allowed: text (a string) in every row"),
+], ids=["response", "prompt", "label", "text-quoted-empty"])
+def test_an_empty_csv_cell_in_a_used_field_is_refused(tmp_path, header, row, message):
+    fill = "question {i},answer {i}" if header.startswith("prompt") else "item {i},{j}"
+    rows = [row if i in (5, 15, 25) else fill.format(i=i, j=i % 2) for i in range(30)]
+    path = csv_file(tmp_path / "gaps.csv", header, rows)
+    config = DataConfig(format="instruction" if header.startswith("prompt") else "classification", eval_size=3)
+    with pytest.raises(ValueError) as refused:
+        load_records(path, config, seed=0)
+    assert str(refused.value) == message.format(path=path)
+
+
+def test_an_empty_cell_in_an_unused_csv_column_is_kept(tmp_path):
+    path = csv_file(tmp_path / "extra.csv", "prompt,note,response", [f"q {i},,{i:03d}" for i in range(20)])
+    assert [row["response"] for row in all_rows(path, DataConfig(eval_size=2))] == [f"{i:03d}" for i in range(20)]
+
+
+def test_json_jsonl_and_parquet_keep_their_types(tmp_path):
+    """Only CSV changed: a JSON file's strings stay strings, its null and numbers are refused, its
+    integer labels are class ids; Parquet's columns as stored."""
+    answers = ["None", "NA", "007", "1e3", "True"]
+    rows = [{"prompt": f"q {i}", "response": answers[i % 5], "label": i % 2} for i in range(20)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    expected = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+    assert all_rows(str(path), DataConfig(eval_size=2)) == expected
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert all_rows(str(tmp_path / "d.json"), DataConfig(eval_size=2)) == expected
+    Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    assert all_rows(str(tmp_path / "d.parquet"), DataConfig(eval_size=2)) == expected
+    classes = all_rows(str(path), DataConfig(format="classification", text_field="prompt", eval_size=2))
+    assert [row["label"] for row in classes] == [i % 2 for i in range(20)]
+    for changed, refused in ([{3: None}, r"null \('None'\) in 1 of 20 rows \(first at row 4,"],
+                             [{5: 7, 9: 1.5}, r"a number \('7'\) in "]):  # (a mixed column goes through pandas)
+        path.write_text("\n".join(json.dumps({**row, "response": changed.get(i, row["response"])})
+                                  for i, row in enumerate(rows)))
+        with pytest.raises(ValueError, match=r"^data.response_field: 'response' in .* is " + refused):
+            load_records(str(path), DataConfig(eval_size=2), seed=0)

@@ -66,8 +66,27 @@ def hf_folder(path) -> str:
     return str(path)
 
 
+def gpt2_folder(path, n_positions: int = 64) -> str:
+    """A GPT-2 folder holding only config.json: learned positions, n_positions of them."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=n_positions, vocab_size=416, bos_token_id=1,
+               eos_token_id=2).save_pretrained(path)
+    return str(path)
+
+
+def classification_csv(path, rows: int = 60) -> str:
+    return write(path, "text,label\n" + "".join(f"review number {i},{i % 2}\n" for i in range(rows)))
+
+
+ROBERTA = ["--model_name_or_path", "builtin:tiny-roberta", "--data.format", "classification"]
+
 # (case id, the setting the line must start with, argv builder given a tmp folder)
 CASES = [
+    ("max-length-past-roberta-positions", "data.max_length",
+     lambda t: [*ROBERTA, "--dataset", classification_csv(t / "c.csv"), "--data.max_length", "256"]),
+    ("max-length-past-gpt2-positions", "data.max_length",
+     lambda t: ["--model_name_or_path", gpt2_folder(t / "gpt2"), "--data.max_length", "65"]),
     ("method", "adapter.method", lambda t: ["--method", "qlora"]),
     ("hypergrad", "bilevel.hypergrad", lambda t: ["--hypergrad", "newton"]),
     ("split-ratio-one", "bilevel.split_ratio", lambda t: ["--split_ratio", "1.0"]),
@@ -439,3 +458,92 @@ def test_second_order_hypergradient_in_bf16_is_warned(method, hypergrad, bf16, w
     assert (warning is not None) is warned
     if warned:
         assert warning.startswith(f"bilevel.hypergrad {hypergrad} with bf16.enabled = true")
+
+
+# ---- data.max_length against a model's learned positions -----------------------------------------
+@pytest.mark.parametrize(("model", "max_length", "line"), [
+    ("builtin:tiny-roberta", 256, "data.max_length: 256 exceeds builtin:tiny-roberta's 128 learned positions "
+     "(model_type roberta: max_position_embeddings 132 less pad_token_id 3 + 1); allowed: at most 128"),
+    ("builtin:tiny-roberta", 129, "data.max_length: 129 exceeds builtin:tiny-roberta's 128 learned positions "
+     "(model_type roberta: max_position_embeddings 132 less pad_token_id 3 + 1); allowed: at most 128"),
+    ("gpt2", 65, "data.max_length: 65 exceeds {folder}'s 64 learned positions (model_type gpt2: "
+     "max_position_embeddings 64); allowed: at most 64"),
+], ids=["roberta-256", "roberta-one-past", "gpt2-one-past"])
+def test_max_length_past_the_learned_positions_is_refused(train_main, tmp_path, capsys, model, max_length, line):
+    """Before: the run started, crashed in its first forward with exit 1 ("index 132 is out of
+    bounds for dimension 1 with size 132") and left a locked, half-written output folder."""
+    folder = gpt2_folder(tmp_path / "gpt2") if model == "gpt2" else model
+    data = ["--dataset", classification_csv(tmp_path / "c.csv"), "--data.format", "classification"]
+    out = tmp_path / "out"
+    code = train_main(["--model_name_or_path", folder, *(data if model != "gpt2" else []),
+                       "--data.max_length", str(max_length), "--output_dir", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and lines == [f"error: {line.format(folder=folder)}"], lines
+    assert not out.exists()
+
+
+def check_run_with(tmp_path, model: str, max_length: int, **data) -> None:
+    from ds_bilevel.config import RunConfig
+    from ds_bilevel.data import DataConfig
+    from ds_bilevel.validation import check_run
+
+    run = RunConfig(model_name_or_path=model, output_dir=str(tmp_path / "out"),
+                    data=DataConfig(max_length=max_length, **data))
+    if data.get("format") == "classification":
+        run.dataset = classification_csv(tmp_path / "c.csv")
+    check_run(run, 1)
+
+
+def test_max_length_at_the_limit_passes_validation(tmp_path):
+    """Exactly the limit is allowed: tiny-roberta's 128, a GPT-2 folder's n_positions (64; a folder
+    with its weights and tokenizer, the head untied: a tied one is refused by check_model_weights,
+    whose meta skeleton loses the tie under accelerate's init_empty_weights)."""
+    from families import causal_lm, config_of, write_tokenizer_files
+
+    check_run_with(tmp_path, "builtin:tiny-roberta", 128, format="classification", eval_size=6)
+    folder = tmp_path / "gpt2"
+    type(causal_lm("gpt2"))(config_of("gpt2", tie_word_embeddings=False)).save_pretrained(folder)
+    write_tokenizer_files(folder)
+    check_run_with(tmp_path, str(folder), 64)
+    with pytest.raises(ValueError, match=r"^data.max_length: 65 exceeds .*'s 64 learned positions"):
+        check_run_with(tmp_path, str(folder), 65)
+
+
+def test_rotary_models_are_not_limited(tmp_path):
+    """LLaMA's positions are computed (rotary): a max_length past max_position_embeddings (128 for the
+    builtins) is not refused; nor for a LLaMA folder's config."""
+    from transformers import LlamaConfig
+
+    from ds_bilevel.model_checks import position_limit
+
+    check_run_with(tmp_path, "builtin:micro-llama", 1024)
+    assert position_limit(LlamaConfig(max_position_embeddings=16)) is None
+
+
+def test_position_limits_are_where_the_models_break():
+    """For each family the tests build (families.py): a forward of position_limit tokens runs and one
+    more token fails; a family with no limit runs past its max_position_embeddings."""
+    import torch
+    from families import CAUSAL, ENCODERS, causal_lm, classifier, config_of
+
+    from ds_bilevel.model_checks import position_limit
+
+    def runs(model, length: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.randint(5, 400, (1, length)))
+        except (IndexError, RuntimeError):
+            return False
+        return True
+
+    limits = {}
+    for family in (*CAUSAL, *ENCODERS):
+        limit = limits[family] = position_limit(config_of(family))
+        model = causal_lm(family) if family in CAUSAL else classifier(family)
+        if limit is None:
+            model.config.max_position_embeddings = 16  # 24 tokens through a 16-position model: no table
+            assert runs(type(model)(model.config).eval(), 24), family
+        else:
+            assert runs(model, limit) and not runs(model, limit + 1), family
+    assert limits == {"llama": None, "gpt2": 64, "phi3": None, "gpt_neox": None, "falcon": None, "opt": 2048,
+                      "mixtral": None, "bert": 64, "deberta_v2": 64, "roberta": 66}
