@@ -89,6 +89,10 @@ class LevelLayer(abc.ABC):
         """From now on, the forward adds the regularisers of ``levels``, times ``scale``, to the
         loss's gradient (see ``set_regularization``)."""
 
+    @abc.abstractmethod
+    def new_forward(self) -> None:
+        """A model forward begins: the layer's attached terms count its calls in it afresh."""
+
 
 # The attribute that tags a parameter outside adapter layers with its level (``assign_level``).
 LEVEL_TAG = "ds_bilevel_level"
@@ -155,3 +159,14 @@ def set_regularization(model: nn.Module, levels: tuple[Level, ...], accumulation
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         layer.attach_regularizers(tuple(levels), 1.0 / (len(layers) * accumulation_steps))
+    # Each model forward counts its layers' calls afresh (a layer called twice carries half its term
+    # per call: adapters.base._AttachRegularizer).
+    handle = model.__dict__.pop("_ds_bilevel_new_forward", None)
+    if handle is not None:
+        handle.remove()
+    if levels:
+        def new_forward(module, args) -> None:  # returns None: the forward's inputs stay as they are
+            for layer in layers:
+                layer.new_forward()
+
+        model.__dict__["_ds_bilevel_new_forward"] = model.register_forward_pre_hook(new_forward)

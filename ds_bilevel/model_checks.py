@@ -111,7 +111,13 @@ def model_skeleton(run: RunConfig):
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=run.trust_remote_code)
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
+        # init_empty_weights gives every registered parameter a new meta tensor, which unties a tied
+        # output head (GPT-2, OPT, Llama-3.2 1B/3B, Gemma): tied again, the file's single copy counts
+        # for both names, as transformers loads it (before, every such folder was refused as lacking
+        # lm_head.weight)
+        skeleton.tie_weights()
+        return skeleton
     except (ValueError, KeyError, OSError, ImportError) as error:
         detail = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(f"model_name_or_path: {name!r} cannot be built as a causal LM ({type(error).__name__}: "

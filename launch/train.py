@@ -66,7 +66,8 @@ def resumes_from_elsewhere(run: RunConfig) -> bool:
     if not run.resume_from_checkpoint or run.resume_from_checkpoint == "latest":
         return False
     source, out = Path(run.resume_from_checkpoint).resolve(), Path(run.output_dir).resolve()
-    return source != out and out not in source.parents
+    # a path that is no checkpoint at all is refused as such by check_resume
+    return source.is_dir() and source != out and out not in source.parents
 
 
 def check_resume(run: RunConfig, ds_config: dict, world_size: int) -> None:

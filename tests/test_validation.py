@@ -496,8 +496,7 @@ def check_run_with(tmp_path, model: str, max_length: int, **data) -> None:
 
 def test_max_length_at_the_limit_passes_validation(tmp_path):
     """Exactly the limit is allowed: tiny-roberta's 128, a GPT-2 folder's n_positions (64; a folder
-    with its weights and tokenizer, the head untied: a tied one is refused by check_model_weights,
-    whose meta skeleton loses the tie under accelerate's init_empty_weights)."""
+    with its weights and tokenizer, the head untied)."""
     from families import causal_lm, config_of, write_tokenizer_files
 
     check_run_with(tmp_path, "builtin:tiny-roberta", 128, format="classification", eval_size=6)
@@ -507,6 +506,29 @@ def test_max_length_at_the_limit_passes_validation(tmp_path):
     check_run_with(tmp_path, str(folder), 64)
     with pytest.raises(ValueError, match=r"^data.max_length: 65 exceeds .*'s 64 learned positions"):
         check_run_with(tmp_path, str(folder), 65)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_a_tied_head_folder_passes_and_one_missing_its_only_copy_is_refused(tmp_path, family):
+    """save_pretrained writes a tied head's weight once (GPT-2, OPT, Llama-3.2 1B/3B): the folder
+    passes (before, the meta skeleton lost the tie under init_empty_weights and every such folder
+    was refused as lacking lm_head.weight); without that one copy it is refused, naming both names' tensor."""
+    from families import causal_lm, config_of, write_tokenizer_files
+    from safetensors.torch import load_file, save_file
+
+    model = type(causal_lm(family))(config_of(family, tie_word_embeddings=True))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    write_tokenizer_files(folder)
+    tensors = load_file(folder / "model.safetensors")
+    assert not any(name.startswith("lm_head") for name in tensors)  # one copy, under the embedding's name
+    check_run_with(tmp_path, str(folder), 32)
+    embedding = next(name for name in tensors if "embed_tokens" in name or "wte" in name)
+    save_file({k: v for k, v in tensors.items() if k != embedding}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"^model_name_or_path: .* lacks 2 of the model's weight tensors"):
+        check_run_with(tmp_path, str(folder), 32)
 
 
 def test_rotary_models_are_not_limited(tmp_path):

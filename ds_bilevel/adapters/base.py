@@ -43,21 +43,37 @@ def layer_features(module: nn.Module) -> tuple[int, int] | None:
 
 
 class _AttachRegularizer(torch.autograd.Function):
-    """Identity on the layer output whose backward also sends d(total)/d(reg) = 1 into ``reg``.
+    """Identity on the layer output whose backward also sends d(total)/d(reg) = 1 / calls into ``reg``.
 
     It ties a regulariser's backward to the backward of the layer that computed it, so
     under ZeRO-3 it runs while the layer's parameters are gathered (the pattern of
     Megatron's MoE auxiliary-loss scaler). The regulariser then needs no gather of its own.
+    ``calls`` (a one-element list, read in backward, once the forward is over) counts the layer's
+    calls in this model forward: a layer called k times (ALBERT's shared blocks, DeBERTa-v2/v3's
+    query_proj and key_proj applied again to the relative positions with share_att_key) attaches
+    its term k times, and each carries 1/k of it, so the model's regulariser counts every layer
+    once, as ``levels.regularizer`` does. Every call attaches alike, so checkpointing's
+    recomputation sees the forward it recomputes.
     """
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
-        ctx.reg_shape = reg.shape
+    def forward(ctx, output: torch.Tensor, reg: torch.Tensor, calls: list[int]) -> torch.Tensor:
+        ctx.reg_shape, ctx.calls = reg.shape, calls
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, grad_output.new_ones(ctx.reg_shape, dtype=torch.float32)
+        weight = 1.0 / max(ctx.calls[0], 1)
+        return grad_output, grad_output.new_full(ctx.reg_shape, weight, dtype=torch.float32), None
+
+
+def _count_call(calls: list[int]) -> None:
+    """One more call of the layer in this model forward; not a recomputation, which runs inside a
+    backward (autograd's graph task id is -1 outside one). Under torch.compile the call breaks the
+    graph and runs as Python (not decorated: torch.compiler.disable imports torch._dynamo, a second
+    of every refused launch)."""
+    if torch._C._current_graph_task_id() == -1:
+        calls[0] += 1
 
 
 class AdapterLayer(nn.Module, LevelLayer):
@@ -96,6 +112,7 @@ class AdapterLayer(nn.Module, LevelLayer):
         # its output, and the factor each gets (1 / (layers x accumulation steps)).
         self.attached_levels: tuple[Level, ...] = ()
         self.attached_scale = 1.0
+        self.attached_calls = [0]  # this model forward's calls (new_forward): see _AttachRegularizer
 
     @classmethod
     def from_config(cls, base_layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
@@ -108,7 +125,9 @@ class AdapterLayer(nn.Module, LevelLayer):
         if self.attached_levels and torch.is_grad_enabled():
             terms = [t for level in self.attached_levels if (t := self.regularizer(level)) is not None]
             if terms:
-                out = _AttachRegularizer.apply(out, torch.stack(terms).sum() * self.attached_scale)
+                _count_call(self.attached_calls)
+                out = _AttachRegularizer.apply(out, torch.stack(terms).sum() * self.attached_scale,
+                                               self.attached_calls)
         return out
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +160,12 @@ class AdapterLayer(nn.Module, LevelLayer):
 
     def attach_regularizers(self, levels: tuple[Level, ...], scale: float) -> None:
         self.attached_levels, self.attached_scale = tuple(levels), scale
+        self.new_forward()
+
+    def new_forward(self) -> None:
+        """A model forward begins: its calls are counted afresh (the nodes of earlier forwards keep
+        their own count)."""
+        self.attached_calls = [0]
 
     # ---- merging ---------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:
