@@ -78,7 +78,7 @@ class RunConfig:
     adam_epsilon: float = 1e-8
     """AdamW eps of both levels (HF's name; the released BiDoRA code uses 1e-6 at both levels)."""
     warmup_ratio: float = 0.1
-    """Share of max_steps spent warming the learning rate up linearly from 0."""
+    """Share of max_steps spent warming the learning rate up linearly, step k of w at (k+1)/(w+1) of the peak."""
     lr_scheduler: str = "linear"
     """Decay after warm-up: linear | cosine | constant."""
     max_grad_norm: float = 1.0

@@ -253,7 +253,11 @@ class BilevelEngine:
         return scale
 
     def inner_learning_rate(self) -> float:
-        return self.scheduler.get_lr(Level.INNER)
+        """The rate of the inner step just taken (Neumann's alpha, original DARTS's xi: the step
+        w* = w - xi grad that the hypergradient differentiates through), not the next step's: the
+        schedule has already moved on, and at a linear schedule's last outer step the next rate is 0,
+        which made that step first-order."""
+        return self.scheduler.last_lr(Level.INNER)
 
     # ---- steps -----------------------------------------------------------------------------
     def inner_step(self, batch: Batch) -> torch.Tensor:

@@ -99,7 +99,9 @@ def build_param_groups(groups: dict[Level, list[torch.nn.Parameter]], lr: dict[L
 
 
 def schedule_lambda(kind: str, total_steps: int, warmup_steps: int):
-    """Linear warm-up from 0, then linear/cosine decay to 0 or constant (as transformers' schedules)."""
+    """Linear warm-up, then linear/cosine decay to 0 or constant (transformers' schedules, but for the
+    warm-up's first step: transformers' takes it at rate 0, a step that changes nothing; here step k
+    of w warm-up steps has (k + 1) / (w + 1) of the peak, docs/methods.md)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -163,6 +165,14 @@ class LevelScheduler:
 
     def get_lr(self, level: Level) -> float:
         return next((g["lr"] for g in self.optimizer.param_groups if g["level"] == level.value), 0.0)
+
+    def last_lr(self, level: Level) -> float:
+        """The rate the level's last step took (``get_lr`` is the next step's); ``get_lr`` before any
+        step. A function of the step count, so a resumed run reads the same value."""
+        steps = self.steps[level.value]
+        if steps == 0 or level.value not in self.base_lr:
+            return self.get_lr(level)
+        return self.base_lr[level.value] * self.factors[level.value](steps - 1)
 
     def state_dict(self) -> dict:
         return {"steps": dict(self.steps), "totals": dict(self.totals)}

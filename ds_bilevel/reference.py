@@ -81,7 +81,8 @@ class ReferenceBilevel:
         return scale
 
     def inner_learning_rate(self) -> float:
-        return self.scheduler.get_lr(Level.INNER)
+        """The rate of the inner step just taken (BilevelEngine.inner_learning_rate)."""
+        return self.scheduler.last_lr(Level.INNER)
 
     # ---- steps (mirroring BilevelEngine) -----------------------------------------------------
     def _apply(self, grads: dict[Level, list[torch.Tensor]]) -> None:

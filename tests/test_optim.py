@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ds_bilevel.levels import Level
@@ -50,3 +51,31 @@ def test_a_nonfinite_gradient_or_loss_skips_the_step_entirely():
     optimizer.loss_is_finite = True
     optimizer.step()
     assert not optimizer.skipped and optimizer.state[weights]["step"] == 1  # the first real step
+
+
+def test_hypergradients_read_the_rate_of_the_inner_step_just_taken():
+    """Neumann's alpha and original DARTS's xi are the rate of the inner step the hypergradient
+    differentiates through: after that step the scheduler already holds the next one, which at a
+    linear schedule's last step is 0 (that outer step was first-order). The engine and the
+    reference read ``last_lr``, which a resumed scheduler gives back from its step count."""
+    from ds_bilevel.config import config_from_flat
+    from ds_bilevel.preparation import batch_sources, prepare
+    from ds_bilevel.reference import ReferenceBilevel
+    from ds_bilevel.schedule import events, run_steps
+
+    run = config_from_flat({"model_name_or_path": "builtin:micro-llama", "data.train_size": 48, "data.eval_size": 8,
+                            "adapter.method": "bidora", "bilevel.hypergrad": "neumann", "max_steps": 3,
+                            "micro_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 6e-3,
+                            "warmup_ratio": 0.0, "adapter.target_modules": "q_proj", "output_dir": "unused"})
+    data = prepare(run)
+    reference = ReferenceBilevel(data.model, run)
+    taken, read = [], []
+    inner_step, rate = reference.inner_step, reference.inner_learning_rate
+    reference.inner_step = lambda batch: (taken.append(reference.scheduler.get_lr(Level.INNER)), inner_step(batch))[1]
+    reference.inner_learning_rate = lambda: (read.append(rate()), read[-1])[1]
+    for _ in run_steps(reference, batch_sources(run, reference.mode, data, 0, 1), list(events(reference.mode, 3))):
+        pass
+    assert taken == pytest.approx([6e-3, 4e-3, 2e-3]) and read == pytest.approx(taken)  # linear decay over 3
+    resumed = ReferenceBilevel(data.model, run).scheduler
+    resumed.load_state_dict(reference.scheduler.state_dict())
+    assert resumed.last_lr(Level.INNER) == pytest.approx(2e-3) and resumed.get_lr(Level.INNER) == 0.0
