@@ -86,14 +86,19 @@ def change_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
     return torch.cat([(after[name] - t).flatten() for name, t in before.items()]).norm().item()
 
 
-def write_adapters(path: Path, values: dict[Level, dict[str, torch.Tensor]], method: str) -> None:
+def write_adapters(path: Path, values: dict[Level, dict[str, torch.Tensor]], method: str,
+                   builtin_drawn_on: str | None = None) -> None:
     """adapter_model.safetensors: every adapter tensor by qualified name, the method and each
-    tensor's level in the metadata."""
+    tensor's level in the metadata, and for a builtin base the device type its values were drawn
+    on (builtin.model.draw_device_type: the export rebuilds it there)."""
     from safetensors.torch import save_file
 
     tensors = {name: value for by_name in values.values() for name, value in by_name.items()}
     levels = {name: level.value for level, by_name in values.items() for name in by_name}
-    save_file(tensors, str(path), metadata={"method": method, "levels": json.dumps(levels)})
+    metadata = {"method": method, "levels": json.dumps(levels)}
+    if builtin_drawn_on is not None:
+        metadata["builtin_drawn_on"] = builtin_drawn_on
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def trim_metrics(path: Path, last_step: int, *, at_the_end: bool = False) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from ds_bilevel import checkpoint
 from ds_bilevel.adapters.inject import layer_kinds
+from ds_bilevel.builtin.model import draw_device_type, is_builtin
 from ds_bilevel.config import RunConfig, config_to_dict
 from ds_bilevel.distributed import Heartbeat, Preempted, defer_deepspeed_compile, init_distributed, stop_requested
 from ds_bilevel.ds_config import DeepSpeedSettings
@@ -271,7 +272,8 @@ class TrainingRecipe:
         # Where a launch spends its time (seconds, in order): the start-up as much as the training.
         summary["phases"] = dict(self.phases.seconds)
         if self.rank == 0:
-            write_adapters(self.output_dir / "adapter_model.safetensors", final, self.run.adapter.method)
+            drawn_on = draw_device_type() if is_builtin(self.run.model_name_or_path) else None
+            write_adapters(self.output_dir / "adapter_model.safetensors", final, self.run.adapter.method, drawn_on)
             summary["output_dir"] = str(self.output_dir.resolve())
             self.metrics_file.flush()
             summary["plot"] = str(plot_metrics(self.output_dir / "metrics.jsonl",

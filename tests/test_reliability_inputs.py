@@ -523,3 +523,32 @@ def test_nan_base_weights_stop_the_run_before_its_first_step(tmp_path):
     assert not (out / "adapter_model.safetensors").exists() and not (out / "checkpoints").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0]  # the evaluation before training, and no step after it
+
+
+def test_a_builtin_base_is_rebuilt_only_on_the_device_type_it_was_drawn_on(finished, tmp_path, monkeypatch):
+    """A GPU's generator gives a builtin other values than the CPU's from the same seed: the adapter
+    file records where the run drew them, an export on a machine without that device refuses
+    (before, a GPU run exported on a CPU host merged its adapters into another base, silently), and
+    a resume on the other device type is refused through the base's fingerprint."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from ds_bilevel.export import ExportError, export
+    from ds_bilevel.files import model_fingerprint
+
+    with safe_open(str(finished / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["builtin_drawn_on"] == "cpu"
+        metadata = f.metadata()
+    tensors = load_file(finished / "adapter_model.safetensors")
+    out = copy_run(finished, tmp_path)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={**metadata, "builtin_drawn_on": "cuda"})
+    (out / "run_manifest.json").unlink()  # the file no longer is the one the run recorded
+    with pytest.raises(ExportError, match=r"was drawn on a GPU .* export it on a machine with a GPU"):
+        export(out, tmp_path / "export", "merged")
+    assert not (tmp_path / "export").exists()
+    # the CPU's fingerprint is the one recorded before the device was part of it: old checkpoints resume
+    cpu = model_fingerprint("builtin:micro-llama", 0)
+    assert cpu == hashlib.sha256(b"builtin:micro-llama seed 0").hexdigest()[:16]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_fingerprint("builtin:micro-llama", 0) != cpu

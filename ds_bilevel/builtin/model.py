@@ -113,6 +113,14 @@ def build_builtin_model(name: str, vocab_size: int, seed: int = 0, dtype: torch.
     return model
 
 
+def draw_device_type() -> str:
+    """Where this machine draws a builtin's seeded values: every build on a machine with a GPU
+    (one rank's, or ZeRO-3's partitions gathered there) is on it, else on the CPU. The two
+    generators give different values from the same seed, so a run's builtin base is rebuilt
+    (export, resume) only on the device type it was drawn on."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @torch.no_grad()
 def seeded_init_(model: torch.nn.Module, seed: int, std: float, prefix: str = "") -> None:
     """Give every parameter values that depend only on (seed, its name): N(0, std) for weights,

@@ -154,16 +154,30 @@ def conv1d_layers(folder: Path, labels: list[str] | None, trust_remote_code: boo
     return frozenset(name for name, module in model.named_modules() if is_conv1d(module))
 
 
+def builtin_base(run: RunFolder, vocab_size: int):
+    """The run's builtin base, drawn on the device type the run drew it on (a GPU's generator gives
+    other values than the CPU's from the same seed: rebuilt on the other, it would be another base)."""
+    from ds_bilevel.builtin.model import build_builtin_model
+
+    if run.builtin_drawn_on == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"checkpoint_dir: {run.path}'s base {run.model_name_or_path} was drawn on a GPU (its seeded "
+                          f"values depend on the device's generator) and this machine has none; export it on a "
+                          f"machine with a GPU")
+    device = "cuda" if run.builtin_drawn_on == "cuda" else "cpu"
+    model = build_builtin_model(run.model_name_or_path, vocab_size, seed=run.seed, labels=run.labels, device=device)
+    return model.to("cpu")
+
+
 def open_base(run: RunFolder) -> Base:
     """The base the run trained, as the run built it (same tokenizer, vocabulary and seed)."""
     from transformers import GenerationConfig
 
-    from ds_bilevel.models import load_model, load_tokenizer
+    from ds_bilevel.models import load_tokenizer
 
     tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
     folder = model_folder(run)
     if folder is None:
-        model = load_model(run.model_name_or_path, len(tokenizer), run.seed, labels=run.labels)
+        model = builtin_base(run, len(tokenizer))
         model.config.architectures = [type(model).__name__]
         generation = model.generation_config.to_diff_dict() if run.labels is None else {}  # an encoder has none
         return Base(StateDictSource(model), None, model.config.to_diff_dict(), generation, tokenizer)

@@ -47,6 +47,9 @@ class RunFolder:
     adapter: AdapterConfig
     labels: list[str] | None = None
     """An encoder run's class names (labels.json), None for a causal LM."""
+    builtin_drawn_on: str = "cpu"
+    """A builtin base's device type, where its seeded values were drawn (the adapter file's
+    metadata; runs saved before it was recorded: the CPU's)."""
 
     @property
     def method(self) -> str:
@@ -92,7 +95,9 @@ def read_run_folder(path: str | Path, base_model: str | None = None) -> RunFolde
     check_safetensors(path / ADAPTER_FILE, "checkpoint_dir")  # truncated or damaged: one clear line
     try:
         with safe_open(str(path / ADAPTER_FILE), "pt") as f:
-            saved_method = (f.metadata() or {}).get("method", run.method)
+            metadata = f.metadata() or {}
+            saved_method = metadata.get("method", run.method)
+            run.builtin_drawn_on = metadata.get("builtin_drawn_on", "cpu")
     except Exception as error:  # safetensors' own error type differs between versions
         raise ExportError(f"checkpoint_dir: {path / ADAPTER_FILE} is not a readable safetensors file "
                           f"({error})") from None
