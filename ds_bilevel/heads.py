@@ -2,10 +2,11 @@
 
 The rule (one place): a model is an *encoder*, trained for classification through a
 sequence-classification head (``AutoModelForSequenceClassification``), when its config is an
-encoder-decoder (``is_encoder_decoder``) or transformers has a masked-LM class for its
-``model_type`` (BERT, RoBERTa, DeBERTa, DistilBERT, ModernBERT, ...; the builtin
-``tiny-roberta``). Every other model is a *decoder*, trained as a causal LM: classification
-labels are written as words and predicted as the answer.
+encoder-decoder (``is_encoder_decoder``: BART, T5, whose head reads the decoder's state at the
+last EOS) or transformers has a masked-LM class for its ``model_type`` (BERT, RoBERTa, DeBERTa,
+DistilBERT, ModernBERT, ...; the builtin ``tiny-roberta``). Every other model is a *decoder*,
+trained as a causal LM: classification labels are written as words and predicted as the answer.
+T5's ``wo`` cannot be adapted (model_checks.WEIGHT_READ_LAYERS: its forward reads the weight).
 
 The head is the model's top-level module named ``classifier``, ``score`` or
 ``classification_head`` (PEFT's ``modules_to_save`` for SEQ_CLS), together with the pooler the

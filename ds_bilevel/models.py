@@ -96,7 +96,14 @@ def encoder_skeleton(name: str, trust_remote_code: bool = False):
 
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    # init_empty_weights gives every registered parameter a new meta tensor, which unties shared
+    # weights: an encoder-decoder's (BART, T5) encoder and decoder embeddings are its `shared`
+    # table, stored once. Tied again, the file's single copy counts for all three names, as
+    # transformers loads it (model_checks.model_skeleton does the same for a tied LM head; before,
+    # every BART and T5 folder was refused as lacking model.decoder.embed_tokens.weight).
+    skeleton.tie_weights()
+    return skeleton
 
 
 # transformers reads the ZeRO-3 config from this object while it lives: from_pretrained then
@@ -155,5 +162,21 @@ def load_classifier(name: str, labels: list[str], seed: int, dtype: torch.dtype,
     fresh = [*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))]
     for head in head_names(model):  # the classifier, and a pooler a masked-LM checkpoint lacks
         if any(key == head or key.startswith(head + ".") for key in fresh):
-            seeded_init_(model.get_submodule(head), seed, model.config.initializer_range, prefix=head + ".")
+            seeded_init_(model.get_submodule(head), seed, head_init_std(model.config), prefix=head + ".")
     return model
+
+
+def head_init_std(config) -> float:
+    """The standard deviation a fresh head is drawn with: the one transformers' own init reads
+    (PreTrainedModel._init_weights), in its order: ``initializer_range`` (BERT, RoBERTa, DeBERTa;
+    0.02 when unset), ``init_std`` (BART and its kin: mBART, Pegasus, LED), and T5's
+    ``initializer_factor``, scaled by d_model ** -0.5 as T5's init scales its classification head
+    (the factor alone, 1.0, would draw the head 6x wider than T5 does at d_model 32, 32x at 1024).
+    Not every config has ``initializer_range``: reading it alone failed every BART and T5 run."""
+    if hasattr(config, "initializer_range"):
+        return config.initializer_range or 0.02
+    if hasattr(config, "init_std"):
+        return config.init_std
+    if hasattr(config, "initializer_factor"):
+        return config.initializer_factor * (config.d_model ** -0.5 if hasattr(config, "d_model") else 1.0)
+    return getattr(config.get_text_config(), "initializer_range", 0.02) or 0.02

@@ -4,9 +4,10 @@ The base is streamed one tensor at a time. An adapted layer's weight W0 is wrapp
 method's own adapter layer with its trained tensors and replaced by ``merged_weight()``
 (LoRA W0 + s B A; DoRA/BiDoRA m (W0 + s B A) / ||W0 + s B A||_row; BiLoRA
 W0 + s P diag(lambda) Q; Bi-LoRA the primary module only), in fp32, then cast. An encoder
-run's trained classification head replaces the base's head tensors (or is added after them,
-for a masked-LM base that has none). Every other tensor is copied through, cast to the export
-dtype. Shards are written as they fill.
+run's trained classification head replaces the base's head tensors, at the run's label count
+when the base was a classifier for another (or is added after them, for a masked-LM base that
+has none). Every other tensor is copied through, cast to the export dtype. Shards are written as
+they fill.
 """
 
 from __future__ import annotations
@@ -51,15 +52,49 @@ def adapted_weights(adapters: AdapterFile, specs: list[TensorSpec], conv1d: froz
     return weights
 
 
-def head_specs(base: Base, adapters: AdapterFile | None) -> list[TensorSpec]:
-    """The trained head's tensors the base lacks; a head tensor the base has must fit its shape."""
+def base_label_count(base: Base) -> int | None:
+    """How many labels the base's own classification head was saved for (its config.json's
+    ``id2label``, as transformers counts ``num_labels``), or None for a builtin base, which is built
+    with the run's labels."""
+    if base.folder is None:
+        return None
+    values = json.loads((base.folder / "config.json").read_text())
+    return len(values["id2label"]) if isinstance(values.get("id2label"), dict) else int(values.get("num_labels", 2))
+
+
+def relabelled(trained: tuple[int, ...], saved: tuple[int, ...], base: Base) -> bool:
+    """Whether a head tensor the base holds at shape ``saved`` was saved for another label count
+    than the run's and the trained one replaces it: a base fine-tuned as a classifier (an MNLI
+    checkpoint's 3 labels, on a 2-label task). Training loads it so on purpose
+    (models.load_classifier: ignore_mismatched_sizes, the mismatched rows drawn afresh and trained
+    whole), so only the label dimension may differ: the first, rows of the base's label count
+    against the run's, the rest the same (classifier.out_proj.weight (3, H) -> (2, H), its bias).
+    Any other difference is another base. Before, such a run's merged export was refused."""
+    labels = len(base.config.get("id2label") or {})  # the run's (base_source.classifier_config)
+    return (len(trained) == len(saved) >= 1 and trained[1:] == saved[1:] and trained[0] == labels
+            and saved[0] == base_label_count(base) != labels)
+
+
+def output_specs(base: Base, adapters: AdapterFile | None) -> list[TensorSpec]:
+    """The merged folder's tensors, in the order output_tensors yields them: the base's, a head
+    tensor the run relabelled at its trained shape (relabelled), then the head tensors the base
+    lacks (a masked-LM base). A head tensor the base holds at another shape is refused."""
     head = adapters.head if adapters is not None else {}
-    shapes = {spec.name: spec.shape for spec in base.source.specs}
-    for name, tensor in head.items():
-        if name in shapes and tuple(tensor.shape) != shapes[name]:
-            raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds head tensor {name} of shape "
-                              f"{tuple(tensor.shape)}, but the base's is {shapes[name]} (another base model?)")
-    return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in head.items() if name not in shapes]
+    specs = []
+    for spec in base.source.specs:
+        trained = tuple(head[spec.name].shape) if spec.name in head else spec.shape
+        if trained != spec.shape and not relabelled(trained, spec.shape, base):
+            raise ExportError(f"checkpoint_dir: {ADAPTER_FILE} holds head tensor {spec.name} of shape {trained}, "
+                              f"but the base's is {spec.shape} (another base model?)")
+        specs.append(TensorSpec(spec.name, trained, spec.dtype))
+    return specs + head_specs(base, adapters)
+
+
+def head_specs(base: Base, adapters: AdapterFile | None) -> list[TensorSpec]:
+    """The trained head's tensors the base lacks (a masked-LM base has no classifier)."""
+    head = adapters.head if adapters is not None else {}
+    names = {spec.name for spec in base.source.specs}
+    return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in head.items() if name not in names]
 
 
 def output_tensors(base: Base, adapters: AdapterFile | None, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -124,7 +159,7 @@ def write_model_folder(base: Base, adapters: AdapterFile | None, folder: Path, d
     an encoder run) loads: config, generation config, tokenizer and sharded weights (the base's,
     merged with ``adapters`` unless None)."""
     folder.mkdir(parents=True, exist_ok=True)
-    specs = [*base.source.specs, *head_specs(base, adapters)]
+    specs = output_specs(base, adapters)
     files = write_sharded(output_tensors(base, adapters, dtype), specs, dtype, folder, max_bytes)
     write_config(base, folder, dtype)
     write_tokenizer(base, folder)
