@@ -179,13 +179,14 @@ def run_facts(run, ds_config: dict, world_size: int) -> dict:
     import dataclasses
 
     from ds_bilevel.adapters.registry import method
+    from ds_bilevel.builtin.model import draw_device_type
     from ds_bilevel.ds_config import zero_stage
     from ds_bilevel.files import model_fingerprint
     from ds_bilevel.levels import TrainingMode
 
     facts = {"adapter": dataclasses.asdict(run.adapter), "zero_stage": zero_stage(ds_config),
              "bf16": bool(ds_config.get("bf16", {}).get("enabled")), "world_size": world_size,
-             "model": model_fingerprint(run.model_name_or_path, run.seed),
+             "model": model_fingerprint(run.model_name_or_path, run.seed, draw_device_type()),
              "dataset": dataset_identity(run.dataset), "data": dataclasses.asdict(run.data), "seed": run.seed,
              "global_batch_size": run.global_batch_size(world_size)}
     if method(run.adapter.method).training_mode is TrainingMode.BILEVEL:  # the only mode with a D1/D2 split

@@ -185,18 +185,15 @@ def check_run_folder(folder: Path, reads: list[str], setting: str = "checkpoint_
                              f"again or restore the file")
 
 
-def model_fingerprint(name: str, seed: int) -> str:
+def model_fingerprint(name: str, seed: int, drawn_on: str = "cpu") -> str:
     """A cheap identity of the base model: a builtin's name, seed and draw device (its weights come from them),
     or a folder's config.json and every safetensors header and size (names, shapes, dtypes; the
     weight bytes themselves are not read)."""
     digest = hashlib.sha256()
     folder = Path(name)
     if not (folder / "config.json").is_file():
-        from ds_bilevel.builtin.model import draw_device_type
-
-        # a builtin drawn on a GPU is another base than on the CPU (builtin.model.draw_device_type);
-        # the CPU's fingerprint is the one recorded before the device was part of it
-        drawn_on = draw_device_type()
+        # a builtin drawn on a GPU is another base than on the CPU (``drawn_on``: builtin.model's
+        # draw_device_type); the CPU's fingerprint is the one recorded before the device was part of it
         digest.update(f"{name} seed {seed}{'' if drawn_on == 'cpu' else ' drawn on ' + drawn_on}".encode())
         return digest.hexdigest()[:16]
     digest.update((folder / "config.json").read_bytes())

@@ -548,7 +548,12 @@ def test_a_builtin_base_is_rebuilt_only_on_the_device_type_it_was_drawn_on(finis
         export(out, tmp_path / "export", "merged")
     assert not (tmp_path / "export").exists()
     # the CPU's fingerprint is the one recorded before the device was part of it: old checkpoints resume
+    from ds_bilevel.checkpoint import run_facts
+    from ds_bilevel.config import config_from_flat
+
     cpu = model_fingerprint("builtin:micro-llama", 0)
     assert cpu == hashlib.sha256(b"builtin:micro-llama seed 0").hexdigest()[:16]
+    run = config_from_flat({"model_name_or_path": "builtin:micro-llama"})
+    assert run_facts(run, {}, 1)["model"] == cpu
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model_fingerprint("builtin:micro-llama", 0) != cpu
+    assert run_facts(run, {}, 1)["model"] == model_fingerprint("builtin:micro-llama", 0, "cuda") != cpu
