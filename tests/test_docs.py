@@ -240,6 +240,24 @@ def test_readme_demo_prints_the_documented_summary(tmp_path):
         f"README.md's demo block is stale; run `python tests/scripts/readme_demo.py`. The run printed:\n{printed}")
 
 
+def test_the_demo_block_comparison_allows_a_library_s_rounding_only():
+    """agree: the same lines but for the throughput, each number within 0.01 (a library release
+    moved the final loss by 0.002 once); a larger move, another line or a changed word disagrees."""
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    import readme_demo
+
+    documented = readme_demo.readme_block()
+    final = documented.split("eval loss")[1].split("->")[1].split()[0]
+    nudged = f"{float(final) + 0.002:.4f}"
+    assert readme_demo.agree(documented.replace(final, nudged), documented)
+    assert not readme_demo.agree(documented.replace(final, f"{float(final) + 0.05:.4f}"), documented)
+    assert not readme_demo.agree(documented.replace("exact match", "exact matches"), documented)
+    import re
+
+    other_times = re.sub(r"\d+ tokens/s(.*) steps in [\d.]+ s", r"12 tokens/s\1 steps in 999.9 s", documented)
+    assert other_times != documented and readme_demo.agree(other_times, documented)  # the throughput is not compared
+
+
 # ---- bench: every option described -------------------------------------------------------------
 @pytest.mark.parametrize("name", ["peer", "methods", "zero3_scaling", "scale7b", "memory_estimate", "generalisation",
                                   "perturbation_bf16"])

@@ -64,8 +64,21 @@ def _masked(block: str) -> str:
     return re.sub(r" steps in [\d.]+ s\)", " steps in T s)", block)
 
 
+# How far a printed number may be from the README's: the run is deterministic on one install, but a
+# new release of a library the install pulls (transformers, datasets, torch's kernels) rounds some
+# operation otherwise and moves the last digits after 300 steps (2026-12-02: the final eval loss
+# went from 1.6705 to 1.6723 with no change of ours). A change of ours that matters moves them more.
+NUMBER_TOLERANCE = 0.01
+
+
 def agree(printed: str, documented: str) -> bool:
-    return _masked(printed) == _masked(documented)
+    """The same lines but for the throughput, with each number within ``NUMBER_TOLERANCE``."""
+    number = r"-?\d+\.\d+"
+    a, b = _masked(printed), _masked(documented)
+    if re.sub(number, "X", a) != re.sub(number, "X", b):
+        return False
+    return all(abs(float(x) - float(y)) <= NUMBER_TOLERANCE
+               for x, y in zip(re.findall(number, a), re.findall(number, b), strict=True))
 
 
 def run_demo(folder: Path, timeout: int = 3600) -> tuple[str, float]:
