@@ -59,8 +59,8 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
 
     folder = output_dir / CHECKPOINT_DIR
     partial, final = folder / (tag_name + PARTIAL), folder / tag_name
-    if rank == 0 and partial.exists():
-        shutil.rmtree(partial)  # left by a job killed while saving
+    if rank == 0:
+        finish_interrupted_saves(folder)
     dist.barrier()
     with disk_full_named(partial):
         # Each rank's own RNG state, in a file of its own (as HF Trainer's rng_state_<rank>): DeepSpeed
@@ -90,6 +90,26 @@ def save(engine, output_dir: Path, tag_name: str, client_state: dict, rank: int,
                 shutil.rmtree(replaced)
     dist.barrier()
     return final
+
+
+def finish_interrupted_saves(folder: Path) -> None:
+    """Put right what a job killed inside ``save`` left in ``folder`` (rank 0, before the next save):
+    a complete ``<tag>.partial`` (its manifest is written last) whose rename was cut off becomes
+    ``<tag>``, an unfinished one is deleted, and ``<tag>.replaced`` (the copy moved aside) goes once
+    ``<tag>`` exists. Without this a run resumed from a ``.partial`` (``resolve``) and saving other
+    steps kept both copies of the interrupted step on disk for good."""
+    for partial in sorted(folder.glob("*" + PARTIAL)):
+        final = folder / partial.name[: -len(PARTIAL)]
+        if (partial / MANIFEST).is_file() and not final.exists():
+            os.replace(partial, final)
+        else:
+            shutil.rmtree(partial)
+    for replaced in sorted(folder.glob("*" + REPLACED)):
+        final = folder / replaced.name[: -len(REPLACED)]
+        if final.exists():
+            shutil.rmtree(replaced)
+        else:  # cannot follow from ``save``'s order; kept as the step's only copy
+            os.replace(replaced, final)
 
 
 class DiskFull(OSError):

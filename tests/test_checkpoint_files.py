@@ -76,6 +76,31 @@ def test_killed_while_saving_a_step_again_resumes(tmp_path, monkeypatch, killed_
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step6"]
 
 
+@pytest.mark.parametrize("killed_at", ["step6", "step6.partial"])
+def test_the_next_save_of_another_step_finishes_an_interrupted_one(tmp_path, monkeypatch, killed_at):
+    """The resumed run saves later steps, not step 6 again: what the kill left (the old copy moved
+    aside, the new one not renamed) used to stay on disk for good, two copies of the step."""
+    checkpoint.save(FakeEngine(b"old"), tmp_path, "step6", {}, rank=0)
+    real_replace = os.replace
+
+    def killed(source, target):
+        if Path(source).name == killed_at:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(FakeEngine(b"new"), tmp_path, "step6", {}, rank=0)
+    monkeypatch.setattr(os, "replace", real_replace)
+    folder = tmp_path / "checkpoints"
+    (folder / "step7.partial").mkdir()  # and a later step killed while DeepSpeed wrote it
+    checkpoint.save(FakeEngine(b"eight"), tmp_path, "step8", {}, rank=0)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step6", "step8"]
+    assert content(folder / "step6") == (b"old" if killed_at == "step6" else b"new")
+    checkpoint.verify(folder / "step6")
+    assert checkpoint.resolve("latest", tmp_path) == (folder, "step8")
+
+
 def test_a_bilevel_resume_keeps_its_split_and_a_one_level_one_has_none():
     """The D1/D2 split decides which examples each level's steps read: part of a bi-level run's facts
     (a resume with another split_ratio is refused), not of LoRA's, which has no split."""
