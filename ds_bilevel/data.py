@@ -277,43 +277,97 @@ def tokenize(records, tokenizer, config: DataConfig, labels: list[str] | None = 
 
     With ``labels`` (an encoder's class names): input_ids of the text with the tokenizer's own
     special tokens (BERT: [CLS] text [SEP]; RoBERTa: <s> text </s>), EOS appended only when the
-    tokenizer closes the text with none (the builtin's: BOS text EOS), cut to ``max_length``; and
-    ``labels`` = the example's class id, an int. An encoder needs no EOS: BERT's tokenizer has none.
+    tokenizer closes the text with none (the builtin's: BOS text EOS); and ``labels`` = the
+    example's class id, an int. An encoder needs no EOS: BERT's tokenizer has none.
+
+    Past ``max_length`` the text is cut, never its special tokens: a classifier text keeps its
+    first and its closing token ([SEP], </s>: BART/T5 classifiers read the EOS position), a
+    causal LM's prompt is cut from the left after its BOS (the answer is kept whole when it
+    fits; longer, it loses its end and EOS). ``tokenize_counting`` also says how many were cut.
 
     The tokenizer encodes a batch of texts per call (the ids are those of one text per call; 4x
     faster on the builtin task, issue 13); a chat template is applied per example."""
-    eos = tokenizer.eos_token_id
+    return tokenize_counting(records, tokenizer, config, labels)[0]
+
+
+@dataclass
+class Truncation:
+    """What ``data.max_length`` cut from one tokenised set."""
+
+    examples: int
+    cut: int  # examples longer than max_length
+    answers_cut: int  # causal LM: of those, the answers that lost their end (and EOS)
+    longest: int  # tokens of the longest example before the cut
+
+
+def tokenize_counting(records, tokenizer, config: DataConfig, labels: list[str] | None = None):
+    """``tokenize``'s set and its ``Truncation``. The lengths come back as columns of the same
+    cached map, so a cached set is counted without tokenising it again; they are dropped after."""
+    import pyarrow.compute as pc
+
+    eos, bos, limit = tokenizer.eos_token_id, tokenizer.bos_token_id, config.max_length
     if labels is not None:
         closing = set(tokenizer.all_special_ids)
 
         def encode_classes(batch):
-            out = {"input_ids": [], "labels": [class_id(label, labels) for label in batch["label"]]}
+            out = {"input_ids": [], "labels": [class_id(label, labels) for label in batch["label"]],
+                   "length": [], "answer_cut": []}
             for ids in tokenizer(batch["prompt"]).input_ids:
                 if eos is not None and not (ids and ids[-1] in closing):
                     ids = ids + [eos]
-                out["input_ids"].append(ids[: config.max_length])
+                out["length"].append(len(ids))
+                out["answer_cut"].append(False)
+                if len(ids) > limit and ids[-1] in closing:  # cut the text, keep its closing token
+                    ids = ids[: limit - 1] + ids[-1:]
+                out["input_ids"].append(ids[:limit])
             return out
 
-        return records.map(encode_classes, batched=True, remove_columns=records.column_names, desc="tokenize")
-    use_template = config.format == "instruction" and config.chat_template and bool(tokenizer.chat_template)
+        encode_function = encode_classes
+    else:
+        use_template = config.format == "instruction" and config.chat_template and bool(tokenizer.chat_template)
 
-    def encode(batch):
-        if use_template:
-            prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                          add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)) for text in batch["prompt"]]
-        else:
-            prompts = tokenizer([text + "\n" for text in batch["prompt"]]).input_ids
-        out = {"input_ids": [], "labels": []}
-        for prompt, response in zip(prompts, tokenizer(batch["response"], add_special_tokens=False).input_ids,
-                                    strict=True):
-            response = response + [eos]
-            prompt = prompt[-max(config.max_length - len(response), 1):]
-            out["input_ids"].append((prompt + response)[: config.max_length])
-            out["labels"].append(([IGNORE_INDEX] * len(prompt) + response)[: config.max_length])
-        return out
+        def encode(batch):
+            if use_template:
+                prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                              add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)) for text in batch["prompt"]]
+            else:
+                prompts = tokenizer([text + "\n" for text in batch["prompt"]]).input_ids
+            out = {"input_ids": [], "labels": [], "length": [], "answer_cut": []}
+            for prompt, response in zip(prompts, tokenizer(batch["response"], add_special_tokens=False).input_ids,
+                                        strict=True):
+                response = response + [eos]
+                out["length"].append(len(prompt) + len(response))
+                room = max(limit - len(response), 1)  # at least the prompt's last token (or its BOS)
+                if len(prompt) > room:
+                    # LLaMA-style models always see BOS first: cut the prompt after it.
+                    keep = 1 if bos is not None and prompt[0] == bos else 0
+                    prompt = prompt[:keep] + prompt[len(prompt) - room + keep:]
+                out["answer_cut"].append(len(prompt) + len(response) > limit)
+                out["input_ids"].append((prompt + response)[:limit])
+                out["labels"].append(([IGNORE_INDEX] * len(prompt) + response)[:limit])
+            return out
 
-    return records.map(encode, batched=True, remove_columns=records.column_names, desc="tokenize")
+        encode_function = encode
+    mapped = records.map(encode_function, batched=True, remove_columns=records.column_names, desc="tokenize")
+    lengths, answers_cut = mapped.data.table.column("length"), mapped.data.table.column("answer_cut")
+    truncation = Truncation(examples=len(mapped), cut=pc.sum(pc.greater(lengths, limit)).as_py() or 0,
+                            answers_cut=pc.sum(answers_cut.cast("int64")).as_py() or 0,
+                            longest=pc.max(lengths).as_py() or 0)
+    return mapped.remove_columns(["length", "answer_cut"]), truncation
+
+
+def truncation_warning(max_length: int, truncations: dict[str, Truncation]) -> str | None:
+    """One line for the examples ``max_length`` cut (by set name: training, evaluation, ...), or
+    None when nothing was cut."""
+    parts = [f"{t.cut} of {t.examples} {name} examples"
+             + (f" ({t.answers_cut} of them lost the end of their answer)" if t.answers_cut else "")
+             for name, t in truncations.items() if t.cut]
+    if not parts:
+        return None
+    longest = max(t.longest for t in truncations.values())
+    return (f"data.max_length {max_length} cut {', '.join(parts)}; the longest is {longest} tokens; raise "
+            f"data.max_length to keep them whole")
 
 
 def labelled_count(labels: int | list[int]) -> int:

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from ds_bilevel.adapters import inject_adapters
-from ds_bilevel.data import load_records, load_validation, tokenize
+from ds_bilevel.data import load_records, load_validation, tokenize_counting, truncation_warning
 from ds_bilevel.heads import head_names, train_head
 from ds_bilevel.kernels import apply_kernels, fused_linear_loss_fn
 from ds_bilevel.levels import StepKind, TrainingMode
 from ds_bilevel.loss_head import install_loss_head
 from ds_bilevel.models import encoder_labels, load_model, load_tokenizer
 from ds_bilevel.schedule import BatchSource, split_d1_d2
+from ds_bilevel.validation import warn_once
 
 if TYPE_CHECKING:
     from ds_bilevel.config import RunConfig
@@ -58,8 +59,13 @@ def prepare(run: RunConfig, ds_config: dict | DeepSpeedSettings | None = None,
     train, evaluation = load_records(run.dataset, run.data, run.seed)
     d2 = load_validation(run.data)
     labels = encoder_labels(run.model_name_or_path, run.trust_remote_code, run.data, train, evaluation, d2)
-    train_set, eval_set, d2_set = (tokenize(records, tokenizer, run.data, labels) if records is not None else None
-                                   for records in (train, evaluation, d2))
+    sets, truncations = {}, {}
+    for name, records in (("training", train), ("evaluation", evaluation), ("data.validation_file", d2)):
+        if records is not None:
+            sets[name], truncations[name] = tokenize_counting(records, tokenizer, run.data, labels)
+    # Said once, before training: a cut answer loses its EOS, a cut text what it was about.
+    warn_once(truncation_warning(run.data.max_length, truncations))
+    train_set, eval_set, d2_set = sets["training"], sets["evaluation"], sets.get("data.validation_file")
     mark("tokenizer_and_data")
     model = load_model(run.model_name_or_path, len(tokenizer), run.seed, run.trust_remote_code, ds_config, labels)
     model.config.use_cache = False

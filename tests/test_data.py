@@ -262,3 +262,129 @@ def test_json_jsonl_and_parquet_keep_their_types(tmp_path):
                                   for i, row in enumerate(rows)))
         with pytest.raises(ValueError, match=r"^data.response_field: 'response' in .* is " + refused):
             load_records(str(path), DataConfig(eval_size=2), seed=0)
+
+
+# ---- data.max_length cuts the text, never the special tokens a model reads; and says so -------------
+def bert_like_tokenizer():
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "even"]
+    return BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+
+
+def test_a_long_classifier_text_keeps_its_closing_token():
+    """A text longer than max_length lost its [SEP] / EOS (ids[:max_length]); HF's truncation
+    cuts the text and keeps the special tokens, and so does tokenize now."""
+    records = Dataset.from_list([{"prompt": "a b even a b even", "response": "yes", "label": "yes"},
+                                 {"prompt": "a", "response": "no", "label": "no"}])
+    config = DataConfig(format="classification", max_length=4)
+    rows = tokenize(records, bert_like_tokenizer(), config, labels=["no", "yes"]).to_list()
+    assert rows == [{"input_ids": [2, 5, 6, 3], "labels": 1}, {"input_ids": [2, 5, 3], "labels": 0}]
+    builtin = load_tokenizer("builtin:tiny-llama")  # BOS text, EOS appended
+    full = builtin("a b even a b even").input_ids
+    ids = tokenize(records, builtin, config, labels=["no", "yes"])[0]["input_ids"]
+    assert ids == full[:3] + [builtin.eos_token_id]
+    assert ids[0] == builtin.bos_token_id and len(ids) == 4
+
+
+def test_a_bart_classifier_reads_a_cut_text():
+    """BART's sequence classifier reads the EOS position of every text: a cut text without EOS in a
+    batch raised "All examples must have the same number of <eos> tokens"."""
+    import torch
+    import transformers
+
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    config = transformers.BartConfig(vocab_size=len(tokenizer), pad_token_id=3, eos_token_id=2, bos_token_id=1,
+                                     decoder_start_token_id=2, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32, num_labels=2)
+    records = Dataset.from_list([{"prompt": "a long text " * 10, "response": "yes", "label": "yes"},
+                                 {"prompt": "short", "response": "no", "label": "no"}])
+    rows = tokenize(records, tokenizer, DataConfig(format="classification", max_length=8), labels=["no", "yes"])
+    batch = collate(list(rows), pad_id=3)
+    with torch.no_grad():
+        logits = transformers.BartForSequenceClassification(config).eval()(**batch).logits
+    assert logits.shape == (2, 2)
+
+
+def test_a_cut_prompt_keeps_its_bos():
+    """The prompt was cut from the left, BOS first: a LLaMA model then saw a sequence without the BOS
+    it always starts with. Now the prompt is cut after BOS; the answer and EOS are kept whole."""
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    prompt = "add 12 and 34 and 56 and 78 and 90"
+    records = Dataset.from_list([{"prompt": prompt, "response": "260"}])
+    full_prompt = tokenizer(prompt + "\n").input_ids
+    answer = tokenizer("260", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    max_length = len(answer) + 5
+    assert len(full_prompt) > 5  # the prompt is cut
+    row = tokenize(records, tokenizer, DataConfig(max_length=max_length))[0]
+    assert row["input_ids"] == [tokenizer.bos_token_id] + full_prompt[-4:] + answer
+    assert row["labels"] == [IGNORE_INDEX] * 5 + answer
+    # An answer longer than max_length - 1: BOS, then the answer's start (its end and EOS are lost).
+    records = Dataset.from_list([{"prompt": "q", "response": prompt}])
+    row = tokenize(records, tokenizer, DataConfig(max_length=4))[0]
+    kept = tokenizer(prompt, add_special_tokens=False).input_ids[:3]
+    assert row == {"input_ids": [tokenizer.bos_token_id] + kept, "labels": [IGNORE_INDEX] + kept}
+
+
+def test_the_cuts_are_counted():
+    from ds_bilevel.data import Truncation, tokenize_counting, truncation_warning
+
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    long_text = "add 12 and 34 and 56 and 78 and 90"
+    records = Dataset.from_list([{"prompt": "q", "response": "a"}, {"prompt": long_text, "response": "a"},
+                                 {"prompt": "q", "response": long_text}, {"prompt": long_text, "response": long_text}])
+    lengths = [len(tokenizer(r["prompt"] + "\n").input_ids) + len(tokenizer(r["response"], add_special_tokens=False)
+                                                                    .input_ids) + 1 for r in records]
+    config = DataConfig(max_length=10)
+    assert lengths[0] <= 10 < min(lengths[1:])
+    rows, truncation = tokenize_counting(records, tokenizer, config)
+    assert truncation == Truncation(examples=4, cut=3, answers_cut=2, longest=max(lengths))
+    assert rows.column_names == ["input_ids", "labels"] and rows.to_list() == tokenize(records, tokenizer,
+                                                                                        config).to_list()
+    evaluation = tokenize_counting(records.select([0, 1]), tokenizer, config)[1]
+    assert truncation_warning(10, {"training": truncation, "evaluation": evaluation}) == (
+        f"data.max_length 10 cut 3 of 4 training examples (2 of them lost the end of their answer), 1 of 2 "
+        f"evaluation examples; the longest is {max(lengths)} tokens; raise data.max_length to keep them whole")
+    whole = tokenize_counting(records, tokenizer, DataConfig(max_length=max(lengths)))[1]
+    assert whole.cut == 0 and truncation_warning(max(lengths), {"training": whole}) is None
+    classes = Dataset.from_list([{"prompt": "a b even a b even", "response": "yes", "label": "yes"},
+                                 {"prompt": "a", "response": "no", "label": "no"}])
+    counted = tokenize_counting(classes, bert_like_tokenizer(), DataConfig(format="classification", max_length=4),
+                                ["no", "yes"])[1]
+    assert counted == Truncation(examples=2, cut=1, answers_cut=0, longest=8)
+
+
+@pytest.mark.parametrize("max_length", [10, 64])
+def test_truncation_is_said_once_before_training(tmp_path, capsys, monkeypatch, max_length):
+    """prepare() says what data.max_length cut in one warning line (rank 0), and nothing when
+    nothing is cut (the builtin task at the default 64: its longest example has 18 tokens)."""
+    from ds_bilevel.config import RunConfig
+    from ds_bilevel.preparation import prepare
+
+    monkeypatch.setenv("RANK", "0")
+    run = RunConfig(output_dir=str(tmp_path / "run"))
+    run.data.train_size, run.data.eval_size, run.data.max_length = 32, 8, max_length
+    tokenizer = load_tokenizer(run.model_name_or_path)
+    train, evaluation = load_records(run.dataset, run.data, run.seed)
+
+    def lengths(records):
+        return [len(tokenizer(r["prompt"] + "\n").input_ids)
+                + len(tokenizer(r["response"], add_special_tokens=False).input_ids) + 1 for r in records]
+
+    capsys.readouterr()
+    prepare(run)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: data.max_length")]
+    cut = {name: sum(n > max_length for n in lengths(records))
+           for name, records in (("training", train), ("evaluation", evaluation))}
+    if max_length == 64:
+        assert cut == {"training": 0, "evaluation": 0} and warnings == []
+        return
+    longest = max(lengths(train) + lengths(evaluation))
+    assert cut["training"] and cut["evaluation"]  # the builtin's answers are short: none loses its end
+    assert warnings == [f"warning: data.max_length 10 cut {cut['training']} of 32 training examples, "
+                        f"{cut['evaluation']} of 8 evaluation examples; the longest is {longest} tokens; raise "
+                        f"data.max_length to keep them whole"]
+    monkeypatch.setenv("RANK", "1")
+    prepare(run)
+    assert "data.max_length" not in capsys.readouterr().err
