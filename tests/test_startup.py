@@ -101,6 +101,8 @@ def _one_text_per_call(records, tokenizer, config, labels=None):
             ids = tokenizer(example["prompt"]).input_ids
             if eos is not None and not (ids and ids[-1] in closing):
                 ids = ids + [eos]
+            if len(ids) > config.max_length and ids[-1] in closing:  # the closing token stays
+                ids = ids[: config.max_length - 1] + ids[-1:]
             return {"input_ids": ids[: config.max_length], "labels": class_id(example["label"], labels)}
 
         return records.map(encode_class, remove_columns=records.column_names)
@@ -113,7 +115,10 @@ def _one_text_per_call(records, tokenizer, config, labels=None):
         else:
             prompt = tokenizer(example["prompt"] + "\n").input_ids
         response = tokenizer(example["response"], add_special_tokens=False).input_ids + [eos]
-        prompt = prompt[-max(config.max_length - len(response), 1):]
+        room = max(config.max_length - len(response), 1)
+        if len(prompt) > room:  # cut after BOS
+            keep = int(prompt[0] == tokenizer.bos_token_id)
+            prompt = prompt[:keep] + prompt[len(prompt) - room + keep:]
         return {"input_ids": (prompt + response)[: config.max_length],
                 "labels": ([IGNORE_INDEX] * len(prompt) + response)[: config.max_length]}
 
