@@ -146,39 +146,11 @@ def check_model(run: RunConfig) -> bool:
         from ds_bilevel.heads import head_names
 
         skeleton = encoder
-        check_weight_readers(target_layer_names(encoder, run.adapter, exclude=head_names(encoder)), encoder,
-                             run.model_name_or_path)
+        target_layer_names(encoder, run.adapter, exclude=head_names(encoder))
     check_max_length(run.data.max_length, getattr(skeleton, "config", None), run.model_name_or_path)
     if not builtin:
         check_model_weights(Path(run.model_name_or_path), skeleton, base_only=encoder is not None)
     return encoder is not None
-
-
-# model_type -> layers whose weight the family's own forward reads, not only calls: T5's feed-forward
-# (T5DenseActDense, T5DenseGatedActDense; mT5's and UMT5's the same) casts its input to
-# wo.weight's dtype. An adapter layer holds its base layer, not a weight of its own, so adapting wo
-# crashed the first forward after launch ("'LoraLayer' object has no attribute 'weight'"), with the
-# run's folder locked. The other layers of these models adapt, merge and export exactly.
-WEIGHT_READ_LAYERS = {"t5": ("wo",), "mt5": ("wo",), "umt5": ("wo",)}
-
-
-def check_weight_readers(names: list[str], skeleton, model: str) -> None:
-    """No adapted layer (``names``, target_layer_names') is one the model's forward reads the weight
-    of (WEIGHT_READ_LAYERS): refused before launch, naming the targets that work."""
-    read = WEIGHT_READ_LAYERS.get(getattr(getattr(skeleton, "config", None), "model_type", None), ())
-    hit = sorted({name.rsplit(".", 1)[-1] for name in names} & set(read))
-    if not hit:
-        return
-    from ds_bilevel.adapters.inject import linear_layer_names
-    from ds_bilevel.heads import head_names
-
-    heads = head_names(skeleton)
-    allowed = sorted({name.rsplit(".", 1)[-1] for name in linear_layer_names(skeleton)
-                      if not any(name == h or name.startswith(h + ".") for h in heads)} - set(read))
-    raise ValueError(f"adapter.target_modules: {model}'s forward reads {', '.join(f'{n}.weight' for n in hit)} "
-                     f"itself (model_type {skeleton.config.model_type}: its feed-forward casts to that weight's "
-                     f"dtype), which an adapter layer does not have, so {', '.join(hit)} cannot be adapted (all-linear "
-                     f"includes it); allowed: the other layers, e.g. {','.join(allowed)}")
 
 
 # model_type -> where its learned (or fixed sinusoidal) position table starts: "pad" after the pad

@@ -138,6 +138,21 @@ class AdapterLayer(nn.Module, LevelLayer):
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
+    # The base layer's weight and bias seen through the adapter layer, read-only, as PEFT's tuner
+    # layers offer them (BaseTunerLayer.weight/bias): some forwards read the weight of a layer they
+    # call, T5's feed-forward casts its input to wo.weight.dtype (without these, adapting wo was an
+    # AttributeError in the first forward). Properties register nothing: named_parameters,
+    # state_dict, the adapter files and ZeRO-3's partitioning and hooks see these tensors once, as
+    # base_layer.weight/bias. As stored, like PEFT's: a Conv1D base's weight is (in, out) (the
+    # formulas read base_weight()), and under ZeRO-3 it is partitioned outside the layer's forward.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     @classmethod
     def rank_fields(cls, config) -> dict[str, int]:
         """The config fields that set a rank of this method's factors, with their values.
