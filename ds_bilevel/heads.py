@@ -6,7 +6,7 @@ encoder-decoder (``is_encoder_decoder``: BART, T5, whose head reads the decoder'
 last EOS) or transformers has a masked-LM class for its ``model_type`` (BERT, RoBERTa, DeBERTa,
 DistilBERT, ModernBERT, ...; the builtin ``tiny-roberta``). Every other model is a *decoder*,
 trained as a causal LM: classification labels are written as words and predicted as the answer.
-T5's ``wo`` cannot be adapted (model_checks.WEIGHT_READ_LAYERS: its forward reads the weight).
+T5's ``wo`` is adapted like any layer: its forward reads ``wo.weight``, which an adapter layer exposes (PEFT's way).
 
 The head is the model's top-level module named ``classifier``, ``score`` or
 ``classification_head`` (PEFT's ``modules_to_save`` for SEQ_CLS), together with the pooler the
