@@ -45,6 +45,16 @@ def check_tokenizer(name: str, trust_remote_code: bool = False, encoder: bool | 
     if tokenizer.pad_token_id is None:
         raise ValueError(f"model_name_or_path: the tokenizer in {name} has neither a pad_token nor an eos_token to "
                          f"pad batches with; allowed: a tokenizer with pad_token set (tokenizer_config.json)")
+    if encoder and not is_builtin(name) and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        from transformers import AutoConfig
+
+        if AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).is_encoder_decoder:
+            # BART/T5 classifiers read the state at each row's EOS and require one per row: padding
+            # with EOS would give padded rows more (transformers: "All examples must have the same
+            # number of <eos> tokens"), mid-training.
+            raise ValueError(f"model_name_or_path: the tokenizer in {name} pads with its eos_token, which an "
+                             f"encoder-decoder classifier reads as the end of the text; allowed: a tokenizer "
+                             f"whose pad_token differs from eos_token (tokenizer_config.json)")
 
 
 def is_encoder_model(name: str, trust_remote_code: bool = False) -> bool:

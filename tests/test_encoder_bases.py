@@ -214,3 +214,23 @@ def test_a_fresh_head_is_drawn_at_the_configs_own_std():
     assert head_init_std(transformers.RobertaConfig(initializer_range=0.03)) == 0.03
     assert head_init_std(transformers.BartConfig(init_std=0.05)) == 0.05
     assert head_init_std(transformers.T5Config(d_model=64, initializer_factor=2.0)) == pytest.approx(0.25)
+
+
+def test_an_encoder_decoder_whose_tokenizer_pads_with_eos_is_refused_before_launch(tmp_path, encoder_decoder_dirs):
+    """A BART/T5 classifier reads the state at each row's EOS and needs one per row: a tokenizer
+    padding with EOS made transformers raise "All examples must have the same number of <eos>
+    tokens" at the first padded batch, after launch. An encoder without a decoder may pad with it."""
+    import shutil
+
+    from ds_bilevel.models import check_tokenizer
+
+    folders = {}
+    for name, source in (("bart", encoder_decoder_dirs["bart"]), ("roberta", roberta_classifier(tmp_path / "r"))):
+        folder = folders[name] = shutil.copytree(source, tmp_path / f"{name}_pads_with_eos")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(folder)
+    check_tokenizer(str(encoder_decoder_dirs["bart"]), encoder=True)  # its own pad token: allowed
+    with pytest.raises(ValueError, match=r"^model_name_or_path: the tokenizer in .* pads with its eos_token"):
+        check_tokenizer(str(folders["bart"]), encoder=True)
+    check_tokenizer(str(folders["roberta"]), encoder=True)
