@@ -54,9 +54,24 @@ def _start_time(pid: int) -> str | None:
         return "?"  # alive, start time unknown (no /proc)
 
 
+def launch_id() -> str | None:
+    """What every rank of one distributed launch shares and no other live launch has: the address
+    and port of rank 0's store (MASTER_ADDR:MASTER_PORT, set by deepspeed, torchrun and accelerate).
+    None for a single process."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not (addr and port):
+        return None
+    return f"{addr}:{port}"
+
+
 def lock_holder(folder: Path) -> dict | None:
     """The lock's content when it is held by a live process other than this one, else None
-    (no lock, or a stale one: its process is gone, or the pid now belongs to another process)."""
+    (no lock, or a stale one: its process is gone, or the pid now belongs to another process).
+
+    Rank 0 takes the lock as soon as its own checks pass, so a rank that starts later (another
+    node's, or one slowed by a busy machine) finds it: a lock of this launch's rank 0 is not
+    another run's. Only the other ranks take that view; rank 0 judges every lock it did not
+    write, so that a launch reusing a dead one's address never takes a live run's folder."""
     path = Path(folder) / LOCK
     try:
         holder = json.loads(path.read_text())
@@ -65,6 +80,9 @@ def lock_holder(folder: Path) -> dict | None:
         return None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # written by a process killed while writing it: stale
+    if (int(os.environ.get("RANK", "0")) != 0 and holder.get("launch") is not None
+            and holder.get("launch") == launch_id()):
+        return None
     if holder.get("host") != socket.gethostname():
         return holder  # cannot tell from here: held
     if pid == os.getpid():
@@ -97,7 +115,8 @@ def take_lock(folder: Path, run_id: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": run_id, "command": " ".join(sys.argv)}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": run_id, "launch": launch_id(),
+            "command": " ".join(sys.argv)}
     for _ in range(3):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

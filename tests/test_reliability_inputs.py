@@ -256,6 +256,39 @@ def test_a_folder_in_use_is_refused_naming_the_holder(train, tmp_path, capsys):
         holder.wait()
 
 
+def test_a_later_rank_of_the_same_launch_is_not_refused_by_its_rank_0s_lock(tmp_path, monkeypatch):
+    """Rank 0 locks the folder once its checks pass; another node's ranks, started seconds later,
+    found that lock held by a live process and refused their own run (a two-"node" launch on this
+    machine hit it: "output_dir: ... is in use by another run (pid <rank 0>)"). Only a lock of this
+    launch (MASTER_ADDR:MASTER_PORT) written by rank 0 is exempt, and only for the other ranks."""
+    from ds_bilevel.files import _start_time, lock_holder, take_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        launch = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29511", "WORLD_SIZE": "2"}
+        for name, value in {**launch, "RANK": "0"}.items():
+            monkeypatch.setenv(name, value)
+        take_lock(out, "run0")  # rank 0 of the launch, as claim_output_dir does
+        lock = json.loads((out / "ds_bilevel.lock").read_text())
+        assert lock["launch"] == "10.0.0.1:29511"
+        (out / "ds_bilevel.lock").write_text(json.dumps({**lock, "pid": holder.pid,  # rank 0 is another process
+                                                         "start_time": _start_time(holder.pid)}))
+        monkeypatch.setenv("RANK", "1")
+        assert lock_holder(out) is None  # rank 1 of the same launch: its own run
+        monkeypatch.setenv("MASTER_PORT", "29512")
+        assert lock_holder(out)["pid"] == holder.pid  # rank 1 of another launch: held
+        monkeypatch.setenv("MASTER_PORT", "29511")
+        monkeypatch.setenv("RANK", "0")
+        assert lock_holder(out)["pid"] == holder.pid  # rank 0 never takes another process's lock as its own
+        lock_of(holder.pid, out)  # a lock written before locks named their launch
+        monkeypatch.setenv("RANK", "1")
+        assert lock_holder(out)["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_stale_lock_is_taken_over(train, tmp_path, no_training):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
