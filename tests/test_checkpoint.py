@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from launch_helpers import launch, run_script, run_summary, write_ds_config
+from launch_helpers import launch, run_script, run_summary, train_in_one_process, write_ds_config
 from safetensors.torch import load_file
 
 from ds_bilevel.checkpoint import resolve
@@ -73,12 +73,14 @@ def test_resumed_run_ends_bit_identical(tmp_path, stage, method, extra, save_ste
 
 def test_a_finished_run_is_saved_and_resumes_with_more_steps(tmp_path):
     """--save_steps 4 --max_steps 4 saves the step that ends the run; resumed with --max_steps 8 the
-    run trains steps 5 to 8 from it, its learning rate decaying over the 8 steps (issue 12, item 3)."""
+    run trains steps 5 to 8 from it, its learning rate decaying over the 8 steps (issue 12, item 3).
+    One process: the schedule does not depend on the ranks (test_resumed_run_ends_bit_identical
+    resumes on 2)."""
     out = tmp_path / "run"
     common = ["--method", "lora", "--model_name_or_path", "builtin:micro-llama", "--data.train_size", "32",
               "--data.eval_size", "8", "--micro_batch_size", "2", "--learning_rate", "1e-2", "--warmup_ratio", "0",
               "--log_steps", "1", "--eval_steps", "0", "--output_dir", str(out)]
-    result = launch([*common, "--max_steps", "4", "--save_steps", "4"])
+    result = train_in_one_process([*common, "--max_steps", "4", "--save_steps", "4"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == "step4"
     after_four = load_file(out / "adapter_model.safetensors")
@@ -89,12 +91,12 @@ def test_a_finished_run_is_saved_and_resumes_with_more_steps(tmp_path):
 
     finished = timeless(out / "metrics.jsonl")
     # Resumed with nothing left, it trains nothing and evaluates again: the final row once, not twice.
-    result = launch([*common, "--max_steps", "4", "--resume_from_checkpoint", "latest"])
+    result = train_in_one_process([*common, "--max_steps", "4", "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert run_summary(out)["steps_this_launch"] == 0 and timeless(out / "metrics.jsonl") == finished
     assert [r["step"] for r in finished if "eval_loss" in r] == [0, 4]
 
-    result = launch([*common, "--max_steps", "8", "--resume_from_checkpoint", "latest"])
+    result = train_in_one_process([*common, "--max_steps", "8", "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "train_loss" in r]
