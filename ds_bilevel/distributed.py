@@ -32,6 +32,24 @@ def release_shm_buffers() -> int:
     return removed
 
 
+def trim_forward_stack(root) -> None:
+    """ZeRO-3's stack of modules in forward (DeepSpeed 0.19.8, ``parameter_offload.FWD_MODULE_STACK``)
+    back to what it holds between steps: everything above ``root``, which DeepSpeed pushes at set-up.
+    What lies above it between steps are modules a checkpointed recomputation entered and never
+    left: torch's non-reentrant checkpoint stops recomputing as soon as it has the tensors the
+    backward needs, inside a block, so those modules' post-forward hooks never pop them. Left
+    there, the stack grew by a few entries per layer at every step of a run (builtin:micro-llama:
+    8 per LoRA step, 32 per BiDoRA darts cycle), each holding a module. Between steps no forward
+    is running, so nothing above the root is in use; a host-side list, no device work."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = parameter_offload.FWD_MODULE_STACK
+    for index in range(len(stack) - 1, -1, -1):
+        if stack[index] is root:
+            del stack[index + 1:]
+            return
+
+
 def destroy_engine(engine) -> None:
     """Free a DeepSpeed engine's model, optimizer states and buffers now, in a process that goes on.
 

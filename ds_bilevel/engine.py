@@ -22,7 +22,7 @@ from ds_bilevel import checkpoint
 from ds_bilevel.adapters.base import AdapterLayer
 from ds_bilevel.adapters.registry import METHODS
 from ds_bilevel.config import RunConfig
-from ds_bilevel.distributed import destroy_engine
+from ds_bilevel.distributed import destroy_engine, trim_forward_stack
 from ds_bilevel.ds_config import DeepSpeedSettings
 from ds_bilevel.hypergrad import HYPERGRADS
 from ds_bilevel.levels import (
@@ -92,7 +92,8 @@ class BilevelEngine:
         groups = {level: level_parameters(model, level) for level in Level}
         optimizer = build_optimizer(level_param_groups(groups, run), offload=settings.offload_optimizer,
                                     **adam_settings(run))
-        if settings.zero_stage == 3:
+        self.zero3 = settings.zero_stage == 3
+        if self.zero3:
             # An adapter reads its base weight outside base_layer's own forward (DoRA's norm):
             # ZeRO-3 must gather a whole adapter layer, children included.
             from deepspeed.utils import set_z3_leaf_modules
@@ -173,6 +174,8 @@ class BilevelEngine:
             if k < len(batch.micro_batches) - 1:
                 self.ds_engine.step()  # inside the accumulation window: DeepSpeed only counts it
         self._cycle_open = True
+        if self.zero3:
+            trim_forward_stack(self.ds_engine.module)  # what checkpointing's recomputations left there
         dist.all_reduce(summed)  # on the device; read by the caller once per logged step
         self.losses[objective] = summed / batch.labelled_tokens
 

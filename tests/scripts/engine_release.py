@@ -2,7 +2,8 @@
 bench/gpu_worker.py does, and record after each run how many DeepSpeed engines and causal-LM models
 are still alive once the garbage collector has run. Writes OUT/release.json on rank 0.
 
-The last case replaces BilevelEngine.close by a no-op: the control that shows what is left without it."""
+The last case replaces BilevelEngine.close by a no-op: the control that shows what is left without it.
+A ZeRO-3 case also records how many of its modules ZeRO-3's forward stack holds at the run's end."""
 
 import gc
 import importlib.util
@@ -32,8 +33,20 @@ def main(out: Path) -> None:
     spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    from deepspeed.runtime.zero import parameter_offload
+
     from ds_bilevel.engine import BilevelEngine
 
+    # How many of the engine's modules ZeRO-3's forward stack holds when the run ends: the root only
+    # (distributed.trim_forward_stack), not the modules each checkpointed recomputation left there
+    stacked, close = {}, BilevelEngine.close
+
+    def counting_close(self):
+        ours = {id(m) for m in self.module.modules()}
+        stacked["count"] = sum(id(m) in ours for m in parameter_offload.FWD_MODULE_STACK)
+        close(self)
+
+    BilevelEngine.close = counting_close
     results = {}
     for name, flags in CASES.items():
         if name.endswith("without-close"):
@@ -48,6 +61,8 @@ def main(out: Path) -> None:
         else:
             code = train.main(argv)
         results[name] = {"exit": code, **alive()}
+        if name.endswith("zero3") and not name.startswith("peft"):
+            results[name]["stacked_at_close"] = stacked.pop("count")
     if os.environ.get("RANK", "0") == "0":
         (out / "release.json").write_text(json.dumps(results))
 
