@@ -80,8 +80,8 @@ def lock_holder(folder: Path) -> dict | None:
         return None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # written by a process killed while writing it: stale
-    if (int(os.environ.get("RANK", "0")) != 0 and holder.get("launch") is not None
-            and holder.get("launch") == launch_id()):
+    this_launch = launch_id()
+    if int(os.environ.get("RANK", "0")) != 0 and this_launch is not None and holder.get("launch") == this_launch:
         return None
     if holder.get("host") != socket.gethostname():
         return holder  # cannot tell from here: held

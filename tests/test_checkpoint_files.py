@@ -47,13 +47,8 @@ def test_saving_a_step_again_replaces_it_and_leaves_nothing_aside(tmp_path):
     assert checkpoint.resolve("latest", tmp_path) == (folder, "step6")
 
 
-@pytest.mark.parametrize(("killed_at", "tag", "expected"), [
-    ("step6", "step6", b"old"),            # moving the old one aside: the old one stays in place
-    ("step6.partial", "step6.partial", b"new"),  # renaming the new one: the new one, complete, is found
-])
-def test_killed_while_saving_a_step_again_resumes(tmp_path, monkeypatch, killed_at, tag, expected):
-    """A resume from an older checkpoint reaches a saved step again. Killed between the renames, the
-    run used to leave ``latest`` naming a folder just deleted (a resume refused)."""
+def save_step6_again_killed_at(tmp_path, monkeypatch, killed_at: str) -> None:
+    """step6 saved ("old"), then saved again ("new") by a job killed at the rename of ``killed_at``."""
     checkpoint.save(FakeEngine(b"old"), tmp_path, "step6", {}, rank=0)
     real_replace = os.replace
 
@@ -66,6 +61,16 @@ def test_killed_while_saving_a_step_again_resumes(tmp_path, monkeypatch, killed_
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(FakeEngine(b"new"), tmp_path, "step6", {}, rank=0)
     monkeypatch.setattr(os, "replace", real_replace)
+
+
+@pytest.mark.parametrize(("killed_at", "tag", "expected"), [
+    ("step6", "step6", b"old"),            # moving the old one aside: the old one stays in place
+    ("step6.partial", "step6.partial", b"new"),  # renaming the new one: the new one, complete, is found
+])
+def test_killed_while_saving_a_step_again_resumes(tmp_path, monkeypatch, killed_at, tag, expected):
+    """A resume from an older checkpoint reaches a saved step again. Killed between the renames, the
+    run used to leave ``latest`` naming a folder just deleted (a resume refused)."""
+    save_step6_again_killed_at(tmp_path, monkeypatch, killed_at)
     folder = tmp_path / "checkpoints"
     assert (folder / "latest").read_text() == "step6"
     load_dir, found = checkpoint.resolve("latest", tmp_path, checksums=True)
@@ -80,18 +85,7 @@ def test_killed_while_saving_a_step_again_resumes(tmp_path, monkeypatch, killed_
 def test_the_next_save_of_another_step_finishes_an_interrupted_one(tmp_path, monkeypatch, killed_at):
     """The resumed run saves later steps, not step 6 again: what the kill left (the old copy moved
     aside, the new one not renamed) used to stay on disk for good, two copies of the step."""
-    checkpoint.save(FakeEngine(b"old"), tmp_path, "step6", {}, rank=0)
-    real_replace = os.replace
-
-    def killed(source, target):
-        if Path(source).name == killed_at:
-            raise KeyboardInterrupt
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(FakeEngine(b"new"), tmp_path, "step6", {}, rank=0)
-    monkeypatch.setattr(os, "replace", real_replace)
+    save_step6_again_killed_at(tmp_path, monkeypatch, killed_at)
     folder = tmp_path / "checkpoints"
     (folder / "step7.partial").mkdir()  # and a later step killed while DeepSpeed wrote it
     checkpoint.save(FakeEngine(b"eight"), tmp_path, "step8", {}, rank=0)
